@@ -1,0 +1,15 @@
+"""roialign: exact, fast and portable RoIAlign for PyTorch.
+
+``roi_align`` (torchvision's signature) and ``ROIAlign`` (the seed's and detectron2's module)
+call one custom operator, ``torch.ops.roialign.roi_align``, whose kernel is chosen per device:
+pure PyTorch (any device), Numba (CPU) or Triton (CUDA).
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.roialign.*)
+from ._backend import available_backends, current_backend, use_backend
+from .functional import roi_align
+from .module import ROIAlign
+
+__version__ = "0.1.0"
+
+__all__ = ["ROIAlign", "roi_align", "use_backend", "available_backends", "current_backend", "__version__"]

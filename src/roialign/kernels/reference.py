@@ -1,0 +1,232 @@
+"""RoIAlign in pure PyTorch: vectorised tensor operations that run on any device.
+
+This is the fallback for devices without a fast kernel, not the test oracle. The bilinear
+sample of RoIAlign is separable: a sample at (y, x) reads rows ``y_low, y_high`` with weights
+``(1 - ly, ly)`` and columns ``x_low, x_high`` with ``(1 - lx, lx)``, and its validity test
+(``-1 <= y <= H`` and ``-1 <= x <= W``) is a product of a row test and a column test. So each
+axis is reduced on its own to a list of *taps* (a pixel index and a weight) per output bin,
+and a bin's value is the sum over row taps x column taps of ``wy * wx * feature``. Only the
+samples that can land inside ``[-1, H]`` are generated, so a huge box costs no more than the
+image it covers. Work is done in chunks of boxes and channels so that no temporary grows
+beyond ``_BUDGET`` elements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+_BUDGET = 1 << 22  # elements of the largest gathered block
+_BOX_BLOCK = 1024  # boxes whose geometry is built together, before any split
+_MAX_GRID = float(2**52)  # adaptive sample counts are capped where float64 stops being exact
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class AxisTaps(NamedTuple):
+    """The row (or column) taps of every output bin of a chunk of boxes along one axis.
+
+    Shapes are ``[boxes, pooled, taps]``; padding taps have index 0 and weight 0.
+    """
+
+    index: Tensor  # pixel index, always inside [0, size)
+    weight: Tensor  # interpolation weight, 0 for samples outside [-1, size]
+    d_start: Tensor  # d weight / d (scaled box start along this axis)
+    d_end: Tensor  # d weight / d (scaled box end along this axis)
+    grid: Tensor  # [boxes] samples per bin along this axis (float64)
+    finite: Tensor  # [boxes] box coordinates and size are finite
+
+
+def axis_taps(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio: int, aligned: bool) -> AxisTaps:
+    """Taps along one axis for boxes spanning ``[start, end]`` in feature-map pixels.
+
+    ``start`` and ``end`` are already scaled and shifted by the ``aligned`` offset.
+    """
+    dtype, device = start.dtype, start.device
+    length = end - start
+    if aligned:
+        clamped = torch.zeros_like(length, dtype=torch.bool)
+    else:
+        clamped = length < 1
+        length = torch.where(clamped, torch.ones_like(length), length)
+    finite = torch.isfinite(start) & torch.isfinite(end) & torch.isfinite(length)
+    bin_size = length / pooled
+    if sampling_ratio > 0:
+        grid = torch.full_like(length, sampling_ratio, dtype=torch.float64)
+    else:
+        grid = torch.ceil(bin_size).double().clamp(0, _MAX_GRID)
+    grid = torch.where(finite, grid, torch.zeros_like(grid))
+
+    # Samples of bin p sit at base + (i + 0.5) * step, i in [0, grid). Keep those that can fall
+    # in [-1, size] (one spare each side; the exact test below decides), so that a box far
+    # larger than the image costs no more than the image.
+    p = torch.arange(pooled, device=device, dtype=dtype)
+    base = start[:, None] + p * bin_size[:, None]  # [B, P]
+    step = bin_size.double()[:, None] / grid.clamp(min=1)[:, None]
+    safe_step = torch.where(step == 0, torch.ones_like(step), step)
+    a = (-1 - base.double()) / safe_step - 0.5
+    b = (size - base.double()) / safe_step - 0.5
+    lo = torch.where(step > 0, torch.ceil(a), torch.ceil(b))
+    hi = torch.where(step > 0, torch.floor(b), torch.floor(a))
+    every = step == 0
+    lo = torch.where(every, torch.zeros_like(lo), lo)
+    hi = torch.where(every, grid[:, None] - 1, hi)
+    g = grid[:, None].expand_as(lo)
+    first = torch.minimum(torch.maximum(lo - 1, torch.zeros_like(lo)), g)
+    last = torch.minimum(torch.maximum(hi + 2, torch.zeros_like(hi)), g)
+    first = torch.nan_to_num(first, nan=0.0)
+    count = torch.nan_to_num((last - first).clamp(min=0), nan=0.0)
+    n_samples = int(count.max().item()) if count.numel() else 0
+
+    i = first[..., None] + torch.arange(n_samples, device=device, dtype=torch.float64)  # [B, P, S]
+    real = torch.arange(n_samples, device=device) < count[..., None]
+    gridc = grid.to(dtype).clamp(min=1)[:, None, None]
+    # Same operation order as the published kernels: base + ((i + 0.5) * bin) / grid.
+    pos = base[..., None] + (i.to(dtype) + 0.5) * bin_size[:, None, None] / gridc
+    inside = real & (pos >= -1) & (pos <= size)
+    pos = torch.where(inside, pos.clamp(min=0), torch.zeros_like(pos))
+    low = pos.floor().long()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    high = torch.where(edge, low, low + 1)
+    frac = torch.where(edge, torch.zeros_like(pos), pos - low.to(dtype))
+    keep = inside.to(dtype)
+
+    # d pos / d start and d pos / d end, holding the sample count fixed.
+    t = (p[:, None] + (i.to(dtype) + 0.5) / gridc) / pooled
+    t = torch.where(clamped[:, None, None], torch.zeros_like(t), t)
+    dpos_start = torch.where(clamped[:, None, None], torch.ones_like(t), 1 - t)
+    dfrac = (inside & ~edge & (pos > 0)).to(dtype)
+
+    def taps(lo_part: Tensor, hi_part: Tensor) -> Tensor:
+        return torch.stack((lo_part, hi_part), dim=-1).flatten(-2)
+
+    return AxisTaps(
+        index=taps(low, high),
+        weight=taps((1 - frac) * keep, frac * keep),
+        d_start=taps(-dfrac * dpos_start, dfrac * dpos_start),
+        d_end=taps(-dfrac * t, dfrac * t),
+        grid=grid,
+        finite=finite,
+    )
+
+
+class Chunk(NamedTuple):
+    boxes: slice
+    channels: slice
+    batch: Tensor  # [B] image index of each box, clamped into range
+    ys: AxisTaps
+    xs: AxisTaps
+    scale: Tensor  # [B] 1 / max(grid_h * grid_w, 1), in the compute dtype
+    finite: Tensor  # [B]
+
+    def flat_index(self, width: int) -> Tensor:
+        """[B, PH*PW, TY*TX] index into a flattened H*W plane."""
+        iy, ix = self.ys.index, self.xs.index
+        flat = iy[:, :, None, :, None] * width + ix[:, None, :, None, :]
+        return flat.flatten(3).flatten(1, 2)
+
+    def weight(self, wy: Tensor, wx: Tensor) -> Tensor:
+        """[B, PH*PW, TY*TX] products of a row weight and a column weight, divided by the count."""
+        w = wy[:, :, None, :, None] * wx[:, None, :, None, :]
+        return w.flatten(3).flatten(1, 2) * self.scale[:, None, None]
+
+
+def chunks(rois: Tensor, shape: tuple[int, int, int, int], pooled: tuple[int, int], sampling_ratio: int,
+           spatial_scale: float, aligned: bool, dtype: torch.dtype) -> Iterator[Chunk]:
+    """Split the boxes (and, for big ones, the channels) into blocks of bounded size, in order."""
+    n, c, h, w = shape
+    rois = rois.to(dtype)
+    offset = 0.5 if aligned else 0.0
+    coords = rois[:, 1:5] * spatial_scale - offset
+    batch = rois[:, 0].nan_to_num(0).clamp(0, max(n - 1, 0)).long()
+
+    def build(a: int, b: int) -> Iterator[Chunk]:
+        ys = axis_taps(coords[a:b, 1], coords[a:b, 3], h, pooled[0], sampling_ratio, aligned)
+        xs = axis_taps(coords[a:b, 0], coords[a:b, 2], w, pooled[1], sampling_ratio, aligned)
+        per_box = pooled[0] * pooled[1] * max(ys.index.shape[-1], 1) * max(xs.index.shape[-1], 1)
+        if b - a > 1 and (b - a) * per_box * c > _BUDGET:
+            mid = (a + b) // 2
+            yield from build(a, mid)
+            yield from build(mid, b)
+            return
+        scale = 1.0 / (ys.grid * xs.grid).clamp(min=1)
+        step = max(1, _BUDGET // (per_box * (b - a)))
+        for c0 in range(0, c, step):
+            yield Chunk(slice(a, b), slice(c0, min(c, c0 + step)), batch[a:b], ys, xs, scale.to(dtype),
+                        ys.finite & xs.finite)
+
+    for a in range(0, rois.shape[0], _BOX_BLOCK):
+        yield from build(a, min(rois.shape[0], a + _BOX_BLOCK))
+
+
+def _gather(planes: Tensor, chunk: Chunk, width: int) -> tuple[Tensor, Tensor]:
+    """Feature values at every tap of the chunk: ``[B, Cc, PH*PW, TY*TX]`` and the flat index."""
+    flat = chunk.flat_index(width)
+    channels = torch.arange(chunk.channels.start, chunk.channels.stop, device=planes.device)
+    values = planes[chunk.batch[:, None, None], channels[None, :, None], flat.flatten(1)[:, None, :]]
+    return values.view(flat.shape[0], len(channels), *flat.shape[1:]), flat
+
+
+def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+            sampling_ratio: int, aligned: bool) -> Tensor:
+    n, c, h, w = input.shape
+    dtype = compute_dtype(input.dtype)
+    out = input.new_zeros((rois.shape[0], c, pooled_height, pooled_width), dtype=dtype)
+    planes = input.reshape(n, c, h * w)
+    for chunk in chunks(rois, (n, c, h, w), (pooled_height, pooled_width), sampling_ratio, spatial_scale,
+                        aligned, dtype):
+        values, _ = _gather(planes, chunk, w)
+        weight = chunk.weight(chunk.ys.weight, chunk.xs.weight)
+        block = torch.einsum("bcpt,bpt->bcp", values.to(dtype), weight)
+        block = torch.where(chunk.finite[:, None, None], block, torch.full_like(block, math.nan))
+        out[chunk.boxes, chunk.channels] = block.view(block.shape[0], block.shape[1], pooled_height, pooled_width)
+    return out.to(input.dtype)
+
+
+def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                   batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
+                   aligned: bool, channels_last: bool) -> Tensor:
+    dtype = compute_dtype(grad.dtype)
+    shape = (batch_size, channels, height, width)
+    acc = grad.new_zeros(batch_size * channels * height * width, dtype=dtype)
+    grad = grad.reshape(grad.shape[0], channels, pooled_height * pooled_width)
+    for chunk in chunks(rois, shape, (pooled_height, pooled_width), sampling_ratio, spatial_scale, aligned, dtype):
+        weight = chunk.weight(chunk.ys.weight, chunk.xs.weight) * chunk.finite[:, None, None]
+        go = grad[chunk.boxes, chunk.channels].to(dtype)  # [B, Cc, P]
+        contrib = go[..., None] * weight[:, None]  # [B, Cc, P, T]
+        cidx = torch.arange(chunk.channels.start, chunk.channels.stop, device=grad.device)
+        plane = (chunk.batch[:, None] * channels + cidx[None, :]) * (height * width)  # [B, Cc]
+        flat = chunk.flat_index(width)
+        index = plane[:, :, None, None] + flat[:, None]
+        acc.index_add_(0, index.flatten(), contrib.flatten())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return acc.view(shape).to(grad.dtype, memory_format=memory_format)
+
+
+def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                  pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    n, c, h, w = input.shape
+    dtype = compute_dtype(input.dtype)
+    acc = rois.new_zeros((rois.shape[0], 4), dtype=dtype)  # d/d (x1, y1, x2, y2) in feature pixels
+    planes = input.reshape(n, c, h * w)
+    grad = grad.reshape(grad.shape[0], c, pooled_height * pooled_width)
+    for chunk in chunks(rois, (n, c, h, w), (pooled_height, pooled_width), sampling_ratio, spatial_scale,
+                        aligned, dtype):
+        values, _ = _gather(planes, chunk, w)
+        go = grad[chunk.boxes, chunk.channels].to(dtype)
+        per_tap = torch.einsum("bcpt,bcp->bpt", values.to(dtype), go)
+        ys, xs = chunk.ys, chunk.xs
+        parts = (chunk.weight(ys.weight, xs.d_start), chunk.weight(ys.d_start, xs.weight),
+                 chunk.weight(ys.weight, xs.d_end), chunk.weight(ys.d_end, xs.weight))
+        block = torch.stack([(per_tap * part).sum((1, 2)) for part in parts], dim=1)
+        acc[chunk.boxes] += torch.where(chunk.finite[:, None], block, torch.full_like(block, math.nan))
+    acc = acc * spatial_scale
+    return torch.cat((torch.zeros_like(acc[:, :1]), acc), dim=1).to(rois.dtype)

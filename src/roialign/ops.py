@@ -1,0 +1,134 @@
+"""The custom operators ``torch.ops.roialign.roi_align`` and its two backward operators.
+
+One schema, one fake (shape) implementation and one autograd formula for every device; the
+real implementation picks a kernel with :func:`roialign._backend.select`. The input-gradient
+operator receives the input's shape instead of the input, as torchvision's does; the
+box-gradient operator needs the input's values and is only called when boxes require grad.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+__all__ = ["roi_align", "roi_align_backward", "roi_align_backward_rois"]
+
+
+def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> None:
+    """Shape, dtype and device checks shared by the real and the fake implementations."""
+    if input.dim() != 4:
+        raise ValueError(f"input must be a 4-D tensor [N, C, H, W]; got {input.dim()}-D with shape {list(input.shape)}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"input must be a floating-point tensor; got dtype {input.dtype}")
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must have shape [K, 5] (batch index, x1, y1, x2, y2); got {list(rois.shape)}")
+    if not rois.dtype.is_floating_point:
+        raise TypeError(f"rois must be a floating-point tensor; got dtype {rois.dtype}")
+    if input.device != rois.device:
+        raise ValueError(f"input and rois must be on the same device; got input on {input.device} and rois on {rois.device}")
+    if pooled_height <= 0 or pooled_width <= 0:
+        raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
+
+
+def check_batch_index(rois: Tensor, batch_size: int) -> None:
+    """IndexError unless every box's batch index is an integer in [0, batch_size).
+
+    One reduction and one host synchronisation, whatever the device.
+    """
+    if rois.shape[0] == 0:
+        return
+    index = rois[:, 0]
+    bad = ~((index >= 0) & (index < batch_size) & (index == torch.floor(index)))
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"rois[:, 0] must hold integer batch indices in [0, {batch_size}); rois[{k}, 0] is {float(index[k])}")
+
+
+def _channels_last(input: Tensor) -> bool:
+    """True for a channels_last input (NHWC in memory) that is not also NCHW-contiguous."""
+    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+
+
+@torch.library.custom_op("roialign::roi_align", mutates_args=())
+def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+              sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``."""
+    _check_tensors(input, rois, pooled_height, pooled_width)
+    check_batch_index(rois, input.shape[0])
+    k, c = rois.shape[0], input.shape[1]
+    if k == 0 or input.numel() == 0:
+        return input.new_zeros((k, c, pooled_height, pooled_width))
+    kernel = _backend.select(input.device)
+    return kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+
+
+@roi_align.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    _check_tensors(input, rois, pooled_height, pooled_width)
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roialign::roi_align_backward", mutates_args=())
+def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                       batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
+                       aligned: bool, channels_last: bool) -> Tensor:
+    """Gradient of ``roi_align`` with respect to its input, laid out as the input was."""
+    shape = (batch_size, channels, height, width)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if rois.shape[0] == 0 or grad.numel() == 0 or height * width == 0:
+        return grad.new_zeros(shape).contiguous(memory_format=memory_format)
+    kernel = _backend.select(grad.device)
+    return kernel.backward_input(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels,
+                                 height, width, sampling_ratio, aligned, channels_last)
+
+
+@roi_align_backward.register_fake
+def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
+      aligned, channels_last):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return grad.new_empty((batch_size, channels, height, width), memory_format=memory_format)
+
+
+@torch.library.custom_op("roialign::roi_align_backward_rois", mutates_args=())
+def roi_align_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                            pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """Gradient of ``roi_align`` with respect to the boxes: ``[K, 5]``, zero in the batch-index column."""
+    if rois.shape[0] == 0 or input.numel() == 0:
+        return rois.new_zeros(rois.shape)
+    kernel = _backend.select(input.device)
+    return kernel.backward_rois(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                aligned)
+
+
+@roi_align_backward_rois.register_fake
+def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    return rois.new_empty(rois.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
+    # The input's values are needed only for the box gradient.
+    ctx.save_for_backward(rois, input if ctx.needs_input_grad[1] else None)
+    ctx.params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+    ctx.input_shape = tuple(input.shape)
+    ctx.channels_last = _channels_last(input)
+
+
+def _backward(ctx, grad):
+    rois, input = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = ctx.params
+    grad_input = grad_rois = None
+    if ctx.needs_input_grad[0]:
+        n, c, h, w = ctx.input_shape
+        grad_input = roi_align_backward(grad, rois, spatial_scale, pooled_height, pooled_width, n, c, h, w,
+                                        sampling_ratio, aligned, ctx.channels_last)
+    if ctx.needs_input_grad[1]:
+        grad_rois = roi_align_backward_rois(grad, input, rois, spatial_scale, pooled_height, pooled_width,
+                                            sampling_ratio, aligned)
+    return grad_input, grad_rois, None, None, None, None, None
+
+
+roi_align.register_autograd(_backward, setup_context=_setup_context)
