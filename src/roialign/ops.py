@@ -89,7 +89,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
 def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
       aligned, channels_last):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return grad.new_empty((batch_size, channels, height, width), memory_format=memory_format)
+    return torch.empty((batch_size, channels, height, width), dtype=grad.dtype, device=grad.device,
+                       memory_format=memory_format)
 
 
 @torch.library.custom_op("roialign::roi_align_backward_rois", mutates_args=())

@@ -1,0 +1,44 @@
+"""Backend choice: auto, the context manager and the environment variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import roialign
+
+
+def test_auto_uses_a_fast_kernel_on_cpu_when_numba_is_installed():
+    pytest.importorskip("numba")
+    assert roialign.available_backends("cpu")[0] == "numba"
+
+
+def test_use_backend_nests_and_restores():
+    assert roialign.current_backend() == os.environ.get("ROIALIGN_BACKEND", "auto")
+    with roialign.use_backend("reference"):
+        assert roialign.current_backend() == "reference"
+        with roialign.use_backend("auto"):
+            assert roialign.current_backend() == "auto"
+        assert roialign.current_backend() == "reference"
+
+
+def test_unavailable_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, rois = torch.randn(1, 1, 4, 4), torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]])
+    with roialign.use_backend("triton"), pytest.raises(RuntimeError, match="'triton' is not available: (it runs on CUDA|triton is not installed)"):
+        torch.ops.roialign.roi_align(x, rois, 1.0, 2, 2, 2, True)
+
+
+def test_environment_variable_forces_a_backend():
+    code = ("import torch, roialign, roialign._backend as b;"
+            "print(roialign.current_backend(), b.select(torch.device('cpu')).__name__)")
+    env = dict(os.environ, ROIALIGN_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["reference", "roialign.kernels.reference"]
+    env["ROIALIGN_BACKEND"] = "fastest"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "ROIALIGN_BACKEND must be one of" in proc.stderr

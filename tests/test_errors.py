@@ -1,0 +1,82 @@
+"""Bad input gives a clear Python exception naming the argument; nothing passed in is modified."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import roialign
+
+X = torch.randn(2, 3, 8, 8)
+ROIS = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0], [1, 0.0, 2.0, 7.0, 3.0]])
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: roialign.roi_align(X, ROIS[:, :4], 2), ValueError, r"rois must have shape \[K, 5\].*got \[2, 4\]"),
+    (lambda: roialign.roi_align(X, ROIS[0], 2), ValueError, r"rois must have shape \[K, 5\]"),
+    (lambda: roialign.roi_align(X, [ROIS[:, 1:], ROIS[:, :3]], 2), ValueError, r"boxes\[1\] must have shape \[L, 4\]"),
+    (lambda: roialign.roi_align(X, [ROIS[:, 1:], "box"], 2), TypeError, r"boxes\[1\] must be a tensor"),
+    (lambda: roialign.roi_align(X, [], 2), ValueError, r"boxes must not be an empty list"),
+    (lambda: roialign.roi_align(X, "boxes", 2), TypeError, r"boxes must be"),
+    (lambda: roialign.roi_align(X[0], ROIS, 2), ValueError, r"input must be a 4-D tensor"),
+    (lambda: roialign.roi_align(X.numpy(), ROIS, 2), TypeError, r"input must be a torch.Tensor"),
+    (lambda: roialign.roi_align(X.long(), ROIS, 2), TypeError, r"input must be a floating-point tensor"),
+    (lambda: roialign.roi_align(X, ROIS.long(), 2), TypeError, r"rois must be a floating-point tensor"),
+    (lambda: roialign.roi_align(X, ROIS, 0), ValueError, r"output_size must be positive"),
+    (lambda: roialign.roi_align(X, ROIS, (3, -1)), ValueError, r"output_size must be positive"),
+    (lambda: roialign.roi_align(X, ROIS, (3, 2, 1)), TypeError, r"output_size must be an int or a pair"),
+    (lambda: roialign.roi_align(X, ROIS, 2.5), TypeError, r"output_size must be an int or a pair"),
+    (lambda: roialign.roi_align(X, ROIS, 2, spatial_scale=0.0), ValueError, r"spatial_scale must be finite and positive"),
+    (lambda: roialign.roi_align(X, ROIS, 2, spatial_scale=math.nan), ValueError, r"spatial_scale"),
+    (lambda: roialign.roi_align(X, ROIS, 2, spatial_scale="1"), TypeError, r"spatial_scale must be a float"),
+    (lambda: roialign.roi_align(X, ROIS, 2, sampling_ratio=1.5), TypeError, r"sampling_ratio must be an int"),
+    (lambda: roialign.roi_align(X, ROIS, 2, aligned=1), TypeError, r"aligned must be a bool"),
+    (lambda: roialign.roi_align(X, ROIS.to("meta"), 2), ValueError, r"input and rois must be on the same device"),
+    (lambda: roialign.roi_align(X, torch.tensor([[2.0, 1, 1, 5, 5]]), 2), IndexError, r"rois\[0, 0\] is 2.0"),
+    (lambda: roialign.roi_align(X, torch.tensor([[0, 1, 1, 5, 5], [-1.0, 1, 1, 5, 5]]), 2), IndexError,
+     r"rois\[1, 0\] is -1.0"),
+    (lambda: roialign.roi_align(X, torch.tensor([[0.5, 1, 1, 5, 5]]), 2), IndexError, r"integer batch indices"),
+    (lambda: roialign.roi_align(X, torch.tensor([[math.nan, 1, 1, 5, 5]]), 2), IndexError, r"integer batch indices"),
+    (lambda: roialign.roi_align(X[:0], torch.tensor([[0.0, 1, 1, 5, 5]]), 2), IndexError, r"\[0, 0\)"),
+    (lambda: roialign.ROIAlign((0, 3), 1.0, 2), ValueError, r"output_size must be positive"),
+    (lambda: roialign.ROIAlign(3, -1.0, 2), ValueError, r"spatial_scale"),
+    (lambda: roialign.ROIAlign(3, 1.0, None), TypeError, r"sampling_ratio must be an int"),
+    (lambda: torch.ops.roialign.roi_align(X, ROIS, 1.0, 0, 2, 2, True), ValueError, r"output_size must be positive"),
+])
+def test_bad_input_raises_clearly(backend, call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_unknown_backend_names_the_argument():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with roialign.use_backend("cuda"):
+            pass
+
+
+def test_nothing_passed_in_is_modified(backend):
+    x = torch.randn(2, 3, 8, 8).requires_grad_()
+    boxes = [torch.tensor([[1.0, 1.0, 5.0, 5.0]], requires_grad=True), torch.tensor([[0.0, 2.0, 7.0, 3.0]])]
+    rois = ROIS.clone().requires_grad_()
+    before = [t.detach().clone() for t in (x, rois, *boxes)]
+    roialign.roi_align(x, boxes, 2, 0.5, 2, True).sum().backward()
+    roialign.ROIAlign(2, 0.5, 0)(x, rois).sum().backward()
+    for t, b in zip((x, rois, *boxes), before):
+        assert torch.equal(t.detach(), b)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 3e38])
+def test_non_finite_box_gives_nan_for_that_box_only(backend, bad):
+    """A box with a NaN or infinite coordinate (also after scaling) gives NaN output and NaN box gradient;
+    the other boxes and the input gradient are unaffected."""
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0], [0, 1.0, bad, 5.0, 5.0], [0, 2.0, 2.0, 7.0, 6.0]], requires_grad=True)
+    out = roialign.roi_align(x, rois, 3, spatial_scale=4.0, sampling_ratio=0, aligned=True)
+    out.sum().backward()
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    assert rois.grad[1, 1:].isnan().all() and rois.grad[[0, 2]].isfinite().all()
+    assert x.grad.isfinite().all()
+    good = roialign.roi_align(x.detach(), rois.detach()[[0, 2]], 3, spatial_scale=4.0, sampling_ratio=0, aligned=True)
+    torch.testing.assert_close(out[[0, 2]], good)

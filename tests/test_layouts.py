@@ -1,0 +1,88 @@
+"""Dtypes, memory layouts, mixed dtypes and empty inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+import roialign
+from cases import random_case
+
+LOW_PRECISION = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output's magnitude
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION))
+@pytest.mark.parametrize("seed", range(0, 300, 7))
+def test_half_types_accumulate_in_float32(backend, seed, dtype):
+    case = random_case(seed)
+    x = case.x.to(dtype).requires_grad_()
+    out = torch.ops.roialign.roi_align(x, case.rois.float(), *case.args())
+    grad_out = torch.ones_like(out)
+    out.backward(grad_out)
+    want, gx, _ = oracle.roi_align(x.detach().double().numpy(), case.rois.numpy(), *case.args(),
+                                   grad_out=grad_out.double().numpy())
+    assert out.dtype == dtype and x.grad.dtype == dtype
+    tol = LOW_PRECISION[dtype]
+    torch.testing.assert_close(out.double(), torch.from_numpy(want), atol=tol * (1 + np.abs(want).max(initial=0)),
+                               rtol=tol, equal_nan=True)
+    torch.testing.assert_close(x.grad.double(), torch.from_numpy(gx), atol=tol * (1 + np.abs(gx).max(initial=0)),
+                               rtol=tol)
+
+
+def _layouts(x):
+    yield "contiguous", x
+    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    wide = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2] + 3, x.shape[3] * 2, dtype=x.dtype)
+    view = wide[:, ::2, 1:-2, ::2]
+    view.copy_(x)
+    yield "strided view", view
+    yield "permuted", x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+
+
+@pytest.mark.parametrize("seed", [3, 11, 42])
+def test_every_layout_gives_the_same_result(backend, seed):
+    case = random_case(seed)
+    x = torch.randn(2, 5, 9, 11)
+    rois = torch.tensor([[0, 1.0, 1.0, 15.0, 12.0], [1, -4.0, 2.0, 6.0, 30.0], [1, 3.0, 3.0, 3.5, 9.0]])
+    results = {}
+    for name, xv in _layouts(x):
+        xv = xv.detach().requires_grad_()
+        out = roialign.roi_align(xv, rois, (3, 4), 0.7, case.sampling_ratio, case.aligned)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape))
+        assert out.is_contiguous()
+        if name == "channels_last":
+            assert xv.grad.is_contiguous(memory_format=torch.channels_last)
+        results[name] = (out, xv.grad)
+    for name, (out, grad) in results.items():
+        torch.testing.assert_close(out, results["contiguous"][0], atol=1e-5, rtol=1e-6, msg=name)
+        torch.testing.assert_close(grad, results["contiguous"][1], atol=1e-4, rtol=1e-6, msg=name)
+
+
+def test_mixed_dtypes_cast_rois(backend):
+    x = torch.randn(1, 2, 6, 6)
+    rois64 = torch.tensor([[0, 0.3, 0.4, 4.2, 5.1]], dtype=torch.float64, requires_grad=True)
+    out = roialign.roi_align(x, rois64, 2, sampling_ratio=2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, roialign.roi_align(x, rois64.detach().float(), 2, sampling_ratio=2))
+    out.sum().backward()
+    assert rois64.grad.dtype == torch.float64
+
+
+def test_list_of_boxes_equals_rois_tensor(backend):
+    x = torch.randn(2, 3, 10, 10)
+    b0, b1 = torch.tensor([[1.0, 1, 6, 7], [2, 2, 9, 4]]), torch.tensor([[0.0, 0, 9, 9]])
+    rois = torch.tensor([[0, 1.0, 1, 6, 7], [0, 2, 2, 9, 4], [1, 0, 0, 9, 9]])
+    torch.testing.assert_close(roialign.roi_align(x, [b0, b1], 3, 1.0, 2), roialign.roi_align(x, rois, 3, 1.0, 2))
+
+
+@pytest.mark.parametrize("shape, k", [((2, 3, 8, 8), 0), ((0, 3, 10, 10), 0), ((1, 0, 8, 8), 2), ((1, 3, 0, 5), 2)])
+def test_empty_inputs(backend, shape, k):
+    x = torch.randn(shape, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 1, 4, 4]] * k).reshape(k, 5).requires_grad_()
+    out = roialign.ROIAlign((7, 7), 1.0, 0)(x, rois)
+    assert out.shape == (k, shape[1], 7, 7) and (out == 0).all()
+    out.sum().backward()
+    assert x.grad.shape == x.shape and (x.grad == 0).all()
+    assert rois.grad.shape == rois.shape and (rois.grad == 0).all()

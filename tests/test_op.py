@@ -1,0 +1,84 @@
+"""The custom op: opcheck on a table of sample inputs, torch.compile(fullgraph=True) and torch.export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import roialign
+
+
+def sample_inputs():
+    gen = torch.Generator().manual_seed(0)
+
+    def make(n, c, h, w, rois, dtype=torch.float32, requires_grad=True, channels_last=False):
+        x = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        r = torch.tensor(rois, dtype=torch.float64 if dtype == torch.float64 else torch.float32).reshape(-1, 5)
+        return x.requires_grad_(requires_grad), r.requires_grad_(requires_grad)
+
+    boxes = [[0, 0.5, 1.0, 6.0, 5.5], [1, -2.0, 3.0, 4.0, 12.0], [0, 3.0, 3.0, 3.0, 3.0]]
+    yield make(2, 3, 8, 9, boxes) + (0.5, 3, 2, 2, True)
+    yield make(2, 3, 8, 9, boxes, torch.float64) + (1.0, 2, 3, 0, False)
+    yield make(2, 3, 8, 9, boxes, channels_last=True) + (1.0, 2, 2, -1, True)
+    yield make(2, 3, 8, 9, [], requires_grad=False) + (1.0, 2, 2, 1, False)
+    yield make(1, 2, 5, 5, boxes[:1], requires_grad=False) + (0.25, 1, 1, 4, False)
+
+
+@pytest.mark.parametrize("args", list(sample_inputs()), ids=lambda a: f"{list(a[0].shape)}-{a[1].shape[0]}")
+def test_opcheck(backend, args):
+    torch.library.opcheck(torch.ops.roialign.roi_align.default, args)
+
+
+def test_backward_ops_opcheck(backend):
+    rois = torch.tensor([[0, 0.5, 1.0, 6.0, 5.5], [1, -2.0, 3.0, 4.0, 12.0]])
+    grad = torch.randn(2, 3, 2, 2)
+    x = torch.randn(2, 3, 8, 9)
+    torch.library.opcheck(torch.ops.roialign.roi_align_backward.default,
+                          (grad, rois, 0.5, 2, 2, 2, 3, 8, 9, 2, True, False))
+    torch.library.opcheck(torch.ops.roialign.roi_align_backward.default,
+                          (grad, rois, 0.5, 2, 2, 2, 3, 8, 9, 2, True, True))
+    torch.library.opcheck(torch.ops.roialign.roi_align_backward_rois.default, (grad, x, rois, 0.5, 2, 2, 2, True))
+
+
+def _model(x, rois):
+    return roialign.roi_align(x, rois, (3, 2), 0.5, 0, aligned=True).relu().sum(dim=(2, 3))
+
+
+def test_compile_fullgraph_forward_and_backward(backend):
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 10, 12, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2.0, 14.0, 17.0], [1, -3.0, 0.5, 8.0, 9.0]], requires_grad=True)
+    eager = _model(x, rois)
+    ge = torch.autograd.grad(eager.sum(), (x, rois))
+    compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, rois)
+    gc = torch.autograd.grad(out.sum(), (x, rois))
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(gc, ge)
+
+
+def test_compile_with_inductor_and_dynamic_shapes(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(_model, fullgraph=True, dynamic=True)
+    for k in (3, 5):
+        x = torch.randn(2, 4, 10, 12)
+        rois = torch.cat((torch.randint(0, 2, (k, 1)).float(), torch.rand(k, 4) * 10), 1)
+        torch.testing.assert_close(compiled(x, rois), _model(x, rois))
+
+
+def test_compiled_graph_still_raises_for_bad_batch_index(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
+    with pytest.raises(IndexError, match="batch indices"):
+        compiled(torch.randn(2, 4, 10, 12), torch.tensor([[2.0, 1, 1, 5, 5]]))
+
+
+def test_export():
+    model = roialign.ROIAlign((7, 7), 1 / 4, 2, aligned=True)
+    x = torch.randn(1, 8, 32, 32)
+    rois = torch.tensor([[0, 4.0, 4.0, 60.0, 90.0], [0, 10.0, 0.0, 30.0, 20.0]])
+    exported = torch.export.export(model, (x, rois))
+    assert any("roialign.roi_align" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x, rois), model(x, rois))
