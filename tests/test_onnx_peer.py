@@ -10,7 +10,7 @@ import roialign
 from cases import random_case
 
 pytest.importorskip("onnxruntime")
-from onnx_peer import OnnxRoiAlign  # noqa: E402
+from roialign._peers import OnnxRoiAlign  # noqa: E402
 
 
 def test_onnx_published_values(backend):

@@ -1,4 +1,4 @@
-"""onnxruntime's RoiAlign (opset 16) as an independent peer, for tests and benchmarks."""
+"""Peers for tests and benchmarks: onnxruntime's RoiAlign (opset 16) as a callable. Needs onnx and onnxruntime."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ class OnnxRoiAlign:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # Idle workers would otherwise spin for a while after each run and slow whatever runs next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.dtype = dtype
 

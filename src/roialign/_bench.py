@@ -1,0 +1,219 @@
+"""CPU benchmark: our backends against torchvision and onnxruntime, same data, same threads.
+
+Providers are timed round-robin (one repeat of each in turn) so that drifts in machine load
+hit all of them alike; each reports the median. Every provider's forward output is compared
+with the ``numba`` backend's in the same run, and ``numba`` with the ``reference`` backend.
+Run ``python benchmarks/bench_cpu.py --help`` for the full version, ``python -m roialign bench``
+for a short one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import roialign
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    n: int
+    c: int
+    h: int
+    w: int
+    boxes: int
+    scale: float
+    out: int
+    sampling_ratio: int
+
+    def data(self, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and boxes placed uniformly, sides between 4 pixels and 40% of the image."""
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.n, self.c, self.h, self.w, generator=gen, dtype=dtype)
+        img_h, img_w = self.h / self.scale, self.w / self.scale
+        sides = torch.rand(self.boxes, 2, generator=gen, dtype=torch.float64)
+        bw = 4 + sides[:, 0] * (0.4 * img_w - 4)
+        bh = 4 + sides[:, 1] * (0.4 * img_h - 4)
+        x1 = torch.rand(self.boxes, generator=gen, dtype=torch.float64) * (img_w - bw)
+        y1 = torch.rand(self.boxes, generator=gen, dtype=torch.float64) * (img_h - bh)
+        b = torch.randint(0, self.n, (self.boxes,), generator=gen).double()
+        rois = torch.stack((b, x1, y1, x1 + bw, y1 + bh), dim=1).to(dtype)
+        return x, rois
+
+
+WORKLOADS = {
+    "boxhead-P2": Workload("boxhead-P2", 1, 256, 200, 272, 1000, 1 / 4, 7, 2),
+    "train-P3": Workload("train-P3", 2, 256, 100, 136, 1024, 1 / 8, 7, 2),
+    "mask-14": Workload("mask-14", 1, 256, 200, 272, 100, 1 / 4, 14, 2),
+    "adaptive": Workload("adaptive", 1, 64, 128, 128, 200, 1.0, 7, 0),
+}
+
+
+def sweep_workloads() -> list[Workload]:
+    sweep = [Workload(f"boxes-{k}", 1, 256, 100, 136, k, 1 / 8, 7, 2) for k in (10, 100, 1000, 10000)]
+    sweep += [Workload(f"channels-{c}", 1, c, 100, 136, 512, 1 / 8, 7, 2) for c in (16, 64, 1024)]
+    return sweep
+
+
+Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _ours(backend: str, workload: Workload, aligned: bool) -> Fn:
+    def run(x, rois):
+        with roialign.use_backend(backend):
+            return roialign.roi_align(x, rois, workload.out, workload.scale, workload.sampling_ratio, aligned)
+    return run
+
+
+def _providers(workload: Workload, aligned: bool, threads: int, quick: bool) -> dict[str, tuple[Fn, bool]]:
+    """name -> (function, has backward)."""
+    providers: dict[str, tuple[Fn, bool]] = {}
+    try:
+        import torchvision.ops
+
+        def tv(x, rois):
+            return torchvision.ops.roi_align(x, rois, workload.out, workload.scale, workload.sampling_ratio, aligned)
+        tv(torch.zeros(1, 1, 4, 4), torch.tensor([[0, 0.0, 0, 2, 2]]))
+        providers["torchvision"] = (tv, True)
+    except Exception:  # not installed, or not importable beside this torch
+        pass
+    try:
+        from ._peers import OnnxRoiAlign
+        peer = OnnxRoiAlign((workload.out, workload.out), workload.scale, workload.sampling_ratio, aligned,
+                            threads=threads)
+        providers["onnxruntime"] = (lambda x, rois: torch.from_numpy(peer(x.numpy(), rois.numpy())), False)
+    except Exception:
+        pass
+    if not quick:
+        providers["ours-reference"] = (_ours("reference", workload, aligned), True)
+    providers["ours-numba"] = (_ours("numba", workload, aligned), True)
+    providers["ours-numba channels_last"] = (_ours("numba", workload, aligned), True)
+    return providers
+
+
+def _time_once(fn: Fn, x: torch.Tensor, rois: torch.Tensor, backward: bool) -> float:
+    if backward:
+        x = x.detach().requires_grad_()
+    start = time.perf_counter()
+    out = fn(x, rois)
+    if backward:
+        out.backward(torch.ones_like(out))
+    return time.perf_counter() - start
+
+
+def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats: int, aligned: bool,
+                   quick: bool) -> list[dict]:
+    torch.set_num_threads(threads)
+    x, rois = workload.data(dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    providers = _providers(workload, aligned, threads, quick)
+    inputs = {name: (x_cl if "channels_last" in name else x) for name in providers}
+
+    # Correctness in the same run: every provider's forward against ours, ours against the reference.
+    with roialign.use_backend("numba"):
+        ours = roialign.roi_align(x, rois, workload.out, workload.scale, workload.sampling_ratio, aligned)
+    check = {name: float((fn(inputs[name], rois).double() - ours.double()).abs().max())
+             for name, (fn, _) in providers.items()}
+    if quick:
+        reference = _ours("reference", workload, aligned)(x[:, :8].contiguous(), rois)
+        check["ours-reference"] = float((reference.double() - ours[:, :8].double()).abs().max())
+        del reference
+
+    timings: dict[tuple[str, bool], list[float]] = {}
+    modes = [(name, bwd) for name, (_, has_bwd) in providers.items() for bwd in ((False, True) if has_bwd else (False,))]
+    for name, bwd in modes:  # warm-up: compilation, caches, page mappings
+        _time_once(providers[name][0], inputs[name], rois, bwd)
+    for _ in range(repeats):
+        for name, bwd in modes:
+            timings.setdefault((name, bwd), []).append(_time_once(providers[name][0], inputs[name], rois, bwd))
+    rows = []
+    for name in providers:
+        fwd = statistics.median(timings[(name, False)]) * 1e3
+        both = statistics.median(timings[(name, True)]) * 1e3 if (name, True) in timings else None
+        rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
+                         provider=name, fwd_ms=round(fwd, 2), fwd_bwd_ms=None if both is None else round(both, 2),
+                         max_abs_diff_vs_numba=check[name]))
+    if quick:
+        rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
+                         provider="ours-reference (8 channels, check only)", fwd_ms=None, fwd_bwd_ms=None,
+                         max_abs_diff_vs_numba=check["ours-reference"]))
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    base: dict[tuple, dict] = {(r["workload"], r["dtype"], r["threads"]): r for r in rows
+                               if r["provider"] == "torchvision"}
+    header = f"{'workload':<14} {'dtype':<8} {'thr':>3} {'provider':<26} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x tv fwd':>8} {'x tv f+b':>8} {'max diff':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        tv = base.get((r["workload"], r["dtype"], r["threads"]))
+
+        def ratio(key):
+            if tv is None or r[key] is None or tv[key] is None:
+                return "-"
+            return f"{tv[key] / r[key]:.1f}"
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"{r['workload']:<14} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<26} {fmt(r['fwd_ms']):>9} "
+              f"{fmt(r['fwd_bwd_ms']):>11} {ratio('fwd_ms'):>8} {ratio('fwd_bwd_ms'):>8} {r['max_abs_diff_vs_numba']:>9.1e}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="boxhead-P2 and adaptive only, 3 repeats")
+    parser.add_argument("--workloads", default=None, help=f"comma-separated, from {', '.join(WORKLOADS)}, sweep")
+    parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: all cores)")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, float64")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--aligned", choices=("true", "false"), default="true")
+    parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        names, repeats = ["boxhead-P2", "adaptive"], 3
+    else:
+        names, repeats = (args.workloads.split(",") if args.workloads else list(WORKLOADS)), args.repeats
+    workloads = []
+    for name in names:
+        workloads += sweep_workloads() if name == "sweep" else [WORKLOADS[name]]
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [os.cpu_count() or 1]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+
+    print(f"roialign {roialign.__version__}; torch {torch.__version__}; numpy {np.__version__}; "
+          f"python {platform.python_version()}; {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores; "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"aligned={args.aligned}, median of {repeats}, providers timed round-robin; "
+          f"'x tv' = torchvision time / provider time\n")
+    rows = []
+    for dtype in dtypes:
+        for t in threads:
+            for workload in workloads:
+                rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick)
+    _print_table(rows)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nwrote {args.csv}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
