@@ -28,8 +28,9 @@ def expected(seed: int, dtype: torch.dtype):
 
 
 def run_op(case, grad_out, dtype):
-    x = case.x.to(dtype).requires_grad_()
-    rois = case.rois.to(dtype).requires_grad_()
+    # Fresh leaves: ``.to`` returns the cached case's own tensor when the dtype already matches.
+    x = case.x.to(dtype).clone().requires_grad_()
+    rois = case.rois.to(dtype).clone().requires_grad_()
     out = torch.ops.roialign.roi_align(x, rois, *case.args())
     out.backward(grad_out.to(dtype))
     return out, x.grad, rois.grad

@@ -22,15 +22,18 @@ def test_onnx_published_values(backend):
         torch.testing.assert_close(out.flatten(), torch.tensor(want), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("seed", range(0, 300, 3))
-def test_matches_onnxruntime(backend, seed):
-    case = random_case(seed)
-    x, rois = case.x.float(), case.rois.float()
+def boxes_onnxruntime_accepts(case):
+    rois = case.rois.float()
     if case.sampling_ratio <= 0:
         # onnxruntime fails ("Integer overflow") on inverted boxes with adaptive sampling; compare the rest.
         rois = rois[(rois[:, 3] >= rois[:, 1]) & (rois[:, 4] >= rois[:, 2])]
-    if rois.shape[0] == 0:
-        pytest.skip("no boxes that onnxruntime accepts in this case")
+    return rois
+
+
+@pytest.mark.parametrize("seed", [s for s in range(0, 300, 3) if len(boxes_onnxruntime_accepts(random_case(s)))])
+def test_matches_onnxruntime(backend, seed):
+    case = random_case(seed)
+    x, rois = case.x.float(), boxes_onnxruntime_accepts(case)
     peer = OnnxRoiAlign(case.output_size, case.spatial_scale, case.sampling_ratio, case.aligned)
     want = peer(x.numpy(), rois.numpy())
     out = torch.ops.roialign.roi_align(x, rois, *case.args())

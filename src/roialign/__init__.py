@@ -12,4 +12,11 @@ from .module import ROIAlign
 
 __version__ = "0.1.0"
 
-__all__ = ["ROIAlign", "roi_align", "use_backend", "available_backends", "current_backend", "__version__"]
+__all__ = ["ROIAlign", "roi_align", "use_backend", "available_backends", "current_backend", "warmup", "__version__"]
+
+
+def warmup() -> None:
+    """Compile the CPU kernels now (or load them from Numba's on-disk cache) instead of on first use."""
+    from .kernels import cpu_numba
+
+    cpu_numba.warmup()

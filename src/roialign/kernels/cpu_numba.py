@@ -203,7 +203,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
             continue
         _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
         _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = T(max(grid_h * grid_w, 1))
+        count = T(max(np.float64(grid_h) * np.float64(grid_w), 1.0))
         acc[:, :] = 0
         for ph in range(pooled_h):
             for pw in range(pooled_w):
@@ -242,7 +242,7 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
             continue
         _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
         _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = T(max(grid_h * grid_w, 1))
+        count = T(max(np.float64(grid_h) * np.float64(grid_w), 1.0))
         for c in range(channels):
             plane = feat[b, c]
             for ph in range(pooled_h):
@@ -286,7 +286,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
             continue
         _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
         _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = T(max(grid_h * grid_w, 1))
+        count = T(max(np.float64(grid_h) * np.float64(grid_w), 1.0))
         for ph in range(pooled_h):
             hits = False
             for ty in range(yn[ph]):
@@ -320,6 +320,19 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
 
 
 @numba.njit(**_JIT)
+def _nchw_to_nhwc(x, b, r0, r1, out):
+    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, 32 channels at a time
+    so that the 32 source rows stay in cache while the destination is written in order."""
+    channels, width = x.shape[1], x.shape[3]
+    for r in range(r0, r1):
+        for c0 in range(0, channels, 32):
+            c1 = min(c0 + 32, channels)
+            for q in range(width):
+                for c in range(c0, c1):
+                    out[b, r, q, c] = x[b, c, r, q]
+
+
+@numba.njit(**_JIT)
 def _transpose_boxes(grad, lo, hi, grad_t):
     """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C]."""
     for k in range(lo, hi):
@@ -350,7 +363,7 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
             continue
         _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
         _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = max(grid_h * grid_w, 1)
+        count = max(np.float64(grid_h) * np.float64(grid_w), 1.0)
         gx1 = 0.0
         gy1 = 0.0
         gx2 = 0.0
@@ -481,12 +494,20 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 def _channels_last(t: Tensor) -> np.ndarray:
-    """[N, H, W, C] numpy view of ``t`` (copied only if ``t`` is not channels_last already)."""
+    """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
+
+    Our pool, not PyTorch's OpenMP threads, does the copy: it is faster here, and it is safe in a
+    child forked after the parent used the kernels (GNU OpenMP is not).
+    """
     t = t.detach()
     if t.is_contiguous(memory_format=torch.channels_last):
         return t.permute(0, 2, 3, 1).numpy()
+    x = t.contiguous().numpy()
     n, c, h, w = t.shape
-    return _empty((n, h, w, c), t.dtype).copy_(t.permute(0, 2, 3, 1)).numpy()
+    out = _empty((n, h, w, c), t.dtype).numpy()
+    rows = max(1, (1 << 16) // max(1, w * c))
+    _workers.run(_nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), out) for b in range(n) for r0 in range(0, h, rows)])
+    return out
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,

@@ -1,0 +1,312 @@
+"""RoIAlign kernels in Triton: CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (for tests).
+
+- forward: one program per (box, bin) and block of channels; the input is read through its
+  strides, so NCHW, channels_last and strided views need no copy.
+- input gradient, deterministic without atomics: one program per (image, band of rows, block of
+  channels) owns that part of ``grad_input`` and walks the image's boxes in a fixed order.
+- box gradient: one program per box.
+
+Box coordinates are scaled on the host with the same float32 (float64) operations as every
+other backend; sample positions follow the published order of operations. Only samples that
+can land in ``[-1, H]`` are visited (the range is computed in float64, with one spare sample on
+each side, and the exact test is applied to each). Adaptive sample counts are capped at 2^30.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import compute_dtype
+
+_MAX_GRID = 2**30
+_BAND_ROWS = 16
+
+
+@triton.jit
+def _box_geometry(coords_ptr, k, PH, PW, sampling_ratio, ALIGNED: tl.constexpr):
+    x1 = tl.load(coords_ptr + k * 4 + 0)
+    y1 = tl.load(coords_ptr + k * 4 + 1)
+    x2 = tl.load(coords_ptr + k * 4 + 2)
+    y2 = tl.load(coords_ptr + k * 4 + 3)
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    fixed_w = roi_w < 0  # placeholder of the right type, set below
+    fixed_h = roi_h < 0
+    if ALIGNED:
+        fixed_w = roi_w != roi_w  # False for finite sizes
+        fixed_h = roi_h != roi_h
+    else:
+        fixed_w = roi_w < 1
+        fixed_h = roi_h < 1
+        roi_w = tl.where(fixed_w, 1.0, roi_w).to(x1.dtype)
+        roi_h = tl.where(fixed_h, 1.0, roi_h).to(x1.dtype)
+    inf = float("inf")
+    finite = ((tl.abs(x1) < inf) & (tl.abs(y1) < inf) & (tl.abs(x2) < inf) & (tl.abs(y2) < inf)
+              & (tl.abs(roi_w) < inf) & (tl.abs(roi_h) < inf))
+    bin_h = roi_h / PH
+    bin_w = roi_w / PW
+    if sampling_ratio > 0:
+        grid_h = sampling_ratio + tl.zeros((), tl.int32)
+        grid_w = sampling_ratio + tl.zeros((), tl.int32)
+    else:
+        grid_h = tl.minimum(tl.maximum(tl.ceil(bin_h.to(tl.float64)), 0.0), _MAX_GRID).to(tl.int32)
+        grid_w = tl.minimum(tl.maximum(tl.ceil(bin_w.to(tl.float64)), 0.0), _MAX_GRID).to(tl.int32)
+    grid_h = tl.where(finite, grid_h, 0)
+    grid_w = tl.where(finite, grid_w, 0)
+    return y1, bin_h, fixed_h, grid_h, x1, bin_w, fixed_w, grid_w, finite
+
+
+@triton.jit
+def _visible(base, bin_size, grid, size):
+    """[first, last) of the samples of a bin that can land in [-1, size], one spare each side."""
+    step = bin_size.to(tl.float64) / tl.maximum(grid, 1).to(tl.float64)
+    safe = tl.where(step == 0.0, 1.0, step)
+    a = (-1.0 - base.to(tl.float64)) / safe - 0.5
+    b = (size - base.to(tl.float64)) / safe - 0.5
+    lo = tl.where(step > 0, tl.ceil(a), tl.ceil(b))
+    hi = tl.where(step > 0, tl.floor(b), tl.floor(a))
+    lo = tl.where(step == 0.0, 0.0, lo)
+    hi = tl.where(step == 0.0, grid.to(tl.float64) - 1.0, hi)
+    g = grid.to(tl.float64)
+    first = tl.minimum(tl.maximum(lo - 1.0, 0.0), g)
+    last = tl.minimum(tl.maximum(hi + 2.0, 0.0), g)
+    last = tl.maximum(last, first)
+    return first.to(tl.int32), last.to(tl.int32)
+
+
+@triton.jit
+def _sample(base, bin_size, grid, i, size):
+    """Position of sample ``i`` and its interpolation: (valid, low, high, frac, moves)."""
+    offset = ((i + tl.zeros((), tl.float64) + 0.5).to(base.dtype) * bin_size) / grid.to(base.dtype)
+    pos = base + offset
+    valid = (pos >= -1) & (pos <= size)
+    moves = pos > 0
+    pos = tl.maximum(pos, 0.0).to(base.dtype)
+    low = pos.to(tl.int32)
+    edge = low >= size - 1
+    low = tl.where(edge, size - 1, low)
+    high = tl.where(edge, low, low + 1)
+    frac = tl.where(edge, 0.0, pos - low.to(base.dtype)).to(base.dtype)
+    return valid, low, high, frac, moves & ~edge
+
+
+@triton.jit
+def _forward_kernel(x_ptr, coords_ptr, batch_ptr, out_ptr, N, C, H, W, sxn, sxc, sxh, sxw, PH, PW, sampling_ratio,
+                    ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    bins = PH * PW
+    k = pid // bins
+    j = pid % bins
+    ph = j // PW
+    pw = j % PW
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    b = tl.load(batch_ptr + k)
+    y1, bin_h, fixed_h, grid_h, x1, bin_w, fixed_w, grid_w, finite = _box_geometry(
+        coords_ptr, k, PH, PW, sampling_ratio, ALIGNED)
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_C,), acc_dtype)
+    base_y = y1 + ph * bin_h
+    base_x = x1 + pw * bin_w
+    y_first, y_last = _visible(base_y, bin_h, grid_h, H)
+    x_first, x_last = _visible(base_x, bin_w, grid_w, W)
+    ok = (b >= 0) & (b < N)
+    y_last = tl.where(ok, y_last, y_first)
+    plane = x_ptr + b.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    for iy in range(y_first, y_last):
+        vy, ylo, yhi, ly, _my = _sample(base_y, bin_h, grid_h, iy, H)
+        for ix in range(x_first, x_last):
+            vx, xlo, xhi, lx, _mx = _sample(base_x, bin_w, grid_w, ix, W)
+            # The scalar condition is broadcast explicitly: the interpreter cannot mix the two shapes.
+            m = cmask & ((vy & vx).to(tl.int32) + tl.zeros((BLOCK_C,), tl.int32) > 0)
+            hy = 1.0 - ly
+            hx = 1.0 - lx
+            f00 = tl.load(plane + ylo * sxh + xlo * sxw, mask=m, other=0.0).to(acc_dtype)
+            f01 = tl.load(plane + ylo * sxh + xhi * sxw, mask=m, other=0.0).to(acc_dtype)
+            f10 = tl.load(plane + yhi * sxh + xlo * sxw, mask=m, other=0.0).to(acc_dtype)
+            f11 = tl.load(plane + yhi * sxh + xhi * sxw, mask=m, other=0.0).to(acc_dtype)
+            acc += (hy * hx) * f00 + (hy * lx) * f01 + (ly * hx) * f10 + (ly * lx) * f11
+    count = tl.maximum(grid_h.to(tl.float64) * grid_w.to(tl.float64), 1.0).to(acc_dtype)
+    value = acc / count
+    value = tl.where(finite, value, float("nan"))
+    tl.store(out_ptr + (k * C + c).to(tl.int64) * bins + j, value.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _accumulate(ptr, w, g, mask):
+    old = tl.load(ptr, mask=mask, other=0.0)
+    tl.store(ptr, old + w * g, mask=mask)
+
+
+@triton.jit
+def _backward_input_kernel(grad_ptr, coords_ptr, order_ptr, bounds_ptr, out_ptr, C, H, W, PH, PW, sampling_ratio,
+                           n_bands, BAND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (image b, band of rows, channel block): the only writer of that part of ``out``."""
+    pid = tl.program_id(0)
+    b = pid // n_bands
+    r0 = (pid % n_bands) * BAND
+    r1 = r0 + BAND
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    bins = PH * PW
+    plane = out_ptr + (b * C + c).to(tl.int64) * H * W
+    first_box = tl.load(bounds_ptr + b)
+    last_box = tl.load(bounds_ptr + b + 1)
+    for j in range(first_box, last_box):
+        k = tl.load(order_ptr + j)
+        y1, bin_h, fixed_h, grid_h, x1, bin_w, fixed_w, grid_w, finite = _box_geometry(
+            coords_ptr, k, PH, PW, sampling_ratio, ALIGNED)
+        count = tl.maximum(grid_h.to(tl.float64) * grid_w.to(tl.float64), 1.0)
+        for ph in range(PH):
+            base_y = y1 + ph * bin_h
+            y_first, y_last = _visible(base_y, bin_h, grid_h, H)
+            for iy in range(y_first, y_last):
+                vy, ylo, yhi, ly, _my = _sample(base_y, bin_h, grid_h, iy, H)
+                lo_in = (ylo >= r0) & (ylo < r1)
+                hi_in = (yhi >= r0) & (yhi < r1) & (yhi != ylo)
+                if vy & (lo_in | hi_in):
+                    for pw in range(PW):
+                        base_x = x1 + pw * bin_w
+                        x_first, x_last = _visible(base_x, bin_w, grid_w, W)
+                        go = tl.load(grad_ptr + (k * C + c).to(tl.int64) * bins + ph * PW + pw, mask=cmask,
+                                     other=0.0)
+                        g = go / count.to(go.dtype)
+                        for ix in range(x_first, x_last):
+                            vx, xlo, xhi, lx, _mx = _sample(base_x, bin_w, grid_w, ix, W)
+                            if vx:
+                                hy = 1.0 - ly
+                                hx = 1.0 - lx
+                                if lo_in:
+                                    _accumulate(plane + ylo * W + xlo, (hy * hx).to(go.dtype), g, cmask)
+                                    _accumulate(plane + ylo * W + xhi, (hy * lx).to(go.dtype), g, cmask)
+                                if hi_in:
+                                    _accumulate(plane + yhi * W + xlo, (ly * hx).to(go.dtype), g, cmask)
+                                    _accumulate(plane + yhi * W + xhi, (ly * lx).to(go.dtype), g, cmask)
+
+
+@triton.jit
+def _backward_rois_kernel(grad_ptr, x_ptr, coords_ptr, batch_ptr, out_ptr, N, C, H, W, sxn, sxc, sxh, sxw, PH, PW,
+                          sampling_ratio, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program per box: d loss / d (x1, y1, x2, y2) in scaled coordinates into ``out[k, 0:4]``."""
+    k = tl.program_id(0)
+    b = tl.load(batch_ptr + k)
+    y1, bin_h, fixed_h, grid_h, x1, bin_w, fixed_w, grid_w, finite = _box_geometry(
+        coords_ptr, k, PH, PW, sampling_ratio, ALIGNED)
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    count = tl.maximum(grid_h.to(tl.float64) * grid_w.to(tl.float64), 1.0).to(acc_dtype)
+    zero = tl.zeros((), acc_dtype)
+    gx1 = zero
+    gy1 = zero
+    gx2 = zero
+    gy2 = zero
+    ok = (b >= 0) & (b < N)
+    bins = PH * PW
+    for ph in range(PH):
+        base_y = y1 + ph * bin_h
+        y_first, y_last = _visible(base_y, bin_h, grid_h, H)
+        y_last = tl.where(ok, y_last, y_first)
+        for iy in range(y_first, y_last):
+            vy, ylo, yhi, ly, my = _sample(base_y, bin_h, grid_h, iy, H)
+            ty = (ph + (iy + 0.5) / grid_h.to(tl.float64)) / PH
+            for pw in range(PW):
+                base_x = x1 + pw * bin_w
+                x_first, x_last = _visible(base_x, bin_w, grid_w, W)
+                for ix in range(x_first, x_last):
+                    vx, xlo, xhi, lx, mx = _sample(base_x, bin_w, grid_w, ix, W)
+                    if vy & vx:
+                        tx = (pw + (ix + 0.5) / grid_w.to(tl.float64)) / PW
+                        s00 = zero
+                        s01 = zero
+                        s10 = zero
+                        s11 = zero
+                        for c0 in range(0, C, BLOCK_C):
+                            c = c0 + tl.arange(0, BLOCK_C)
+                            m = c < C
+                            g = tl.load(grad_ptr + (k * C + c).to(tl.int64) * bins + ph * PW + pw, mask=m,
+                                        other=0.0).to(acc_dtype)
+                            plane = x_ptr + b.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+                            s00 += tl.sum(g * tl.load(plane + ylo * sxh + xlo * sxw, mask=m, other=0.0).to(acc_dtype))
+                            s01 += tl.sum(g * tl.load(plane + ylo * sxh + xhi * sxw, mask=m, other=0.0).to(acc_dtype))
+                            s10 += tl.sum(g * tl.load(plane + yhi * sxh + xlo * sxw, mask=m, other=0.0).to(acc_dtype))
+                            s11 += tl.sum(g * tl.load(plane + yhi * sxh + xhi * sxw, mask=m, other=0.0).to(acc_dtype))
+                        hy = 1.0 - ly.to(acc_dtype)
+                        hx = 1.0 - lx.to(acc_dtype)
+                        dvy = tl.where(my, hx * (s10 - s00) + lx * (s11 - s01), 0.0).to(acc_dtype)
+                        dvx = tl.where(mx, hy * (s01 - s00) + ly * (s11 - s10), 0.0).to(acc_dtype)
+                        sy_start = tl.where(fixed_h, 1.0, 1.0 - ty).to(acc_dtype)
+                        sy_end = tl.where(fixed_h, 0.0, ty).to(acc_dtype)
+                        sx_start = tl.where(fixed_w, 1.0, 1.0 - tx).to(acc_dtype)
+                        sx_end = tl.where(fixed_w, 0.0, tx).to(acc_dtype)
+                        gy1 += dvy * sy_start
+                        gy2 += dvy * sy_end
+                        gx1 += dvx * sx_start
+                        gx2 += dvx * sx_end
+    nan = float("nan")
+    tl.store(out_ptr + k * 4 + 0, tl.where(finite, gx1 / count, nan))
+    tl.store(out_ptr + k * 4 + 1, tl.where(finite, gy1 / count, nan))
+    tl.store(out_ptr + k * 4 + 2, tl.where(finite, gx2 / count, nan))
+    tl.store(out_ptr + k * 4 + 3, tl.where(finite, gy2 / count, nan))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _scaled_boxes(rois: Tensor, spatial_scale: float, aligned: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Box corners in feature pixels ([K, 4], computed as every backend does) and batch indices."""
+    rois = rois.detach().to(dtype)
+    coords = (rois[:, 1:5] * spatial_scale - (0.5 if aligned else 0.0)).contiguous()
+    return coords, rois[:, 0].to(torch.int32).contiguous()
+
+
+def _block_c(channels: int) -> int:
+    return max(16, min(128, triton.next_power_of_2(channels)))
+
+
+def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+            sampling_ratio: int, aligned: bool) -> Tensor:
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    coords, batch = _scaled_boxes(rois, spatial_scale, aligned, compute_dtype(input.dtype))
+    out = torch.empty((k, c, pooled_height, pooled_width), dtype=input.dtype, device=input.device)
+    block = _block_c(c)
+    grid = (k * pooled_height * pooled_width, triton.cdiv(c, block))
+    _forward_kernel[grid](input, coords, batch, out, n, c, h, w, *input.stride(), pooled_height, pooled_width,
+                          sampling_ratio, ALIGNED=aligned, BLOCK_C=block)
+    return out
+
+
+def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                   batch_size: int, channels: int, height: int, width: int, sampling_ratio: int, aligned: bool,
+                   channels_last: bool) -> Tensor:
+    dtype = compute_dtype(grad.dtype)
+    coords, batch = _scaled_boxes(rois, spatial_scale, aligned, dtype)
+    order = torch.argsort(batch, stable=True).to(torch.int32)
+    bounds = torch.searchsorted(batch[order.long()].contiguous(),
+                                torch.arange(batch_size + 1, device=grad.device, dtype=torch.int32)).to(torch.int32)
+    out = torch.zeros((batch_size, channels, height, width), dtype=dtype, device=grad.device)
+    block = _block_c(channels)
+    n_bands = triton.cdiv(height, _BAND_ROWS)
+    grid = (batch_size * n_bands, triton.cdiv(channels, block))
+    _backward_input_kernel[grid](grad.contiguous().to(dtype), coords, order, bounds, out, channels, height, width,
+                                 pooled_height, pooled_width, sampling_ratio, n_bands, BAND=_BAND_ROWS,
+                                 ALIGNED=aligned, BLOCK_C=block)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return out.to(grad.dtype, memory_format=memory_format)
+
+
+def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                  pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    dtype = compute_dtype(input.dtype)
+    coords, batch = _scaled_boxes(rois, spatial_scale, aligned, dtype)
+    out = torch.empty((k, 4), dtype=dtype, device=input.device)
+    _backward_rois_kernel[(k,)](grad.contiguous(), input, coords, batch, out, n, c, h, w, *input.stride(),
+                                pooled_height, pooled_width, sampling_ratio, ALIGNED=aligned,
+                                BLOCK_C=_block_c(c))
+    grad_rois = torch.cat((torch.zeros_like(out[:, :1]), out * spatial_scale), dim=1)
+    return grad_rois.to(rois.dtype)

@@ -1,0 +1,146 @@
+"""The numba backend: determinism, threads, fork, both forward kernels, many boxes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+import oracle  # noqa: E402
+import roialign  # noqa: E402
+from roialign.kernels import cpu_numba  # noqa: E402
+
+
+def problem(seed=0, k=300):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 24, 30, 40, generator=gen)
+    xy = torch.rand(k, 2, generator=gen) * torch.tensor([150.0, 110.0])
+    wh = 2 + torch.rand(k, 2, generator=gen) * 60
+    rois = torch.cat((torch.randint(0, 2, (k, 1), generator=gen).float(), xy, xy + wh), 1)
+    return x, rois
+
+
+def run(x, rois, threads=None):
+    if threads is not None:
+        torch.set_num_threads(threads)
+    x = x.detach().clone().requires_grad_()
+    rois = rois.detach().clone().requires_grad_()
+    with roialign.use_backend("numba"):
+        out = roialign.roi_align(x, rois, (7, 5), 0.25, 0, True)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return out.detach(), x.grad, rois.grad
+
+
+def test_backward_is_bitwise_deterministic_and_independent_of_threads():
+    x, rois = problem()
+    before = torch.get_num_threads()
+    try:
+        results = [run(x, rois, threads) for threads in (2, 2, 1, 3)]
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_concurrent_calls_from_python_threads():
+    x, rois = problem(1)
+    want = run(x, rois)
+    got, errors = [None] * 6, []
+
+    def work(i):
+        try:
+            got[i] = run(x, rois)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and all(g is not None for g in got)
+    for g in got:
+        for a, b in zip(want, g):
+            assert torch.equal(a, b)
+
+
+def _kernels_only(x, rois):
+    """Forward and both backward operators, without autograd or other large PyTorch ops."""
+    with roialign.use_backend("numba"):
+        out = torch.ops.roialign.roi_align(x, rois, 0.25, 7, 5, 0, True)
+        grad_x = torch.ops.roialign.roi_align_backward(out, rois, 0.25, 7, 5, *x.shape, 0, True, False)
+        grad_rois = torch.ops.roialign.roi_align_backward_rois(out, x, rois, 0.25, 7, 5, 0, True)
+    return [t.numpy() for t in (out, grad_x, grad_rois)]
+
+
+def _child(queue):
+    queue.put(_kernels_only(*problem(2)))
+
+
+def test_forked_child_after_parent_used_the_kernels():
+    """The child gets a fresh thread pool; the parent's (now missing) threads are never waited on.
+
+    (PyTorch's own OpenMP-parallel operators are not fork-safe: a forked child that keeps more than
+    one torch thread must avoid them, which is why DataLoader workers run with one; see below.)"""
+    want = _kernels_only(*problem(2))  # the parent's pool now exists and has run
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(queue,))
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    for a, b in zip(want, got):
+        assert np.array_equal(a, b)
+
+
+class _Crops(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        x, rois = problem(10 + i, k=50)
+        return run(x, rois)
+
+
+def test_dataloader_workers_started_with_fork():
+    run(*problem(0))  # the parent has used the kernels, forward and backward, with its threads
+    loader = torch.utils.data.DataLoader(_Crops(), batch_size=None, num_workers=2, multiprocessing_context="fork",
+                                         timeout=120)
+    for i, got in enumerate(loader):
+        for a, b in zip(_Crops()[i], got):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("planar", [False, True])
+def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
+    monkeypatch.setattr(cpu_numba, "_planar_is_cheaper", lambda *args: planar)
+    x, rois = problem(3, k=20)
+    x = x[:, :3].contiguous()
+    with roialign.use_backend("numba"):
+        out = roialign.roi_align(x, rois, 3, 0.25, 2, False)
+    want, _, _ = oracle.roi_align(x.double().numpy(), rois.double().numpy(), 0.25, 3, 3, 2, False)
+    torch.testing.assert_close(out.double(), torch.from_numpy(want), atol=2e-5, rtol=1e-5)
+
+
+def test_two_hundred_thousand_boxes():
+    x = torch.randn(1, 4, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    k = 200_000
+    xy = torch.rand(k, 2, generator=gen) * 14
+    rois = torch.cat((torch.zeros(k, 1), xy, xy + 2), 1)
+    with roialign.use_backend("numba"):
+        out = roialign.roi_align(x, rois, 2, 1.0, 2, True)
+    with roialign.use_backend("reference"):
+        some = roialign.roi_align(x, rois[::997], 2, 1.0, 2, True)
+    torch.testing.assert_close(out[::997], some, atol=1e-5, rtol=1e-5)
+
+
+def test_warmup_compiles_everything():
+    roialign.warmup()
