@@ -86,3 +86,18 @@ def test_empty_inputs(backend, shape, k):
     out.sum().backward()
     assert x.grad.shape == x.shape and (x.grad == 0).all()
     assert rois.grad.shape == rois.shape and (rois.grad == 0).all()
+
+
+def test_backward_is_bitwise_deterministic(backend):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 9, 11, generator=gen)
+    rois = torch.tensor([[0, 1.0, 1.0, 15.0, 12.0], [1, -4.0, 2.0, 6.0, 30.0], [0, 3.0, 3.0, 3.5, 9.0],
+                         [0, 2.0, 1.0, 13.0, 14.0], [1, 0.5, 0.5, 8.0, 8.0]])
+    grads = []
+    for _ in range(3):
+        xv, rv = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        out = roialign.roi_align(xv, rv, (3, 2), 0.7, 0, True)
+        out.backward(torch.linspace(-2, 3, out.numel()).reshape(out.shape))
+        grads.append((xv.grad, rv.grad))
+    for gx, gr in grads[1:]:
+        assert torch.equal(gx, grads[0][0]) and torch.equal(gr, grads[0][1])

@@ -75,8 +75,9 @@ def _ours(backend: str, workload: Workload, aligned: bool) -> Fn:
     return run
 
 
-def _providers(workload: Workload, aligned: bool, threads: int, quick: bool) -> dict[str, tuple[Fn, bool]]:
-    """name -> (function, has backward)."""
+def _providers(workload: Workload, aligned: bool, threads: int, quick: bool, dtype: torch.dtype,
+               only: set[str] | None = None) -> dict[str, tuple[Fn, bool]]:
+    """name -> (function, has backward), restricted to ``only`` when given."""
     providers: dict[str, tuple[Fn, bool]] = {}
     try:
         import torchvision.ops
@@ -90,7 +91,7 @@ def _providers(workload: Workload, aligned: bool, threads: int, quick: bool) -> 
     try:
         from ._peers import OnnxRoiAlign
         peer = OnnxRoiAlign((workload.out, workload.out), workload.scale, workload.sampling_ratio, aligned,
-                            threads=threads)
+                            dtype=np.float64 if dtype == torch.float64 else np.float32, threads=threads)
         providers["onnxruntime"] = (lambda x, rois: torch.from_numpy(peer(x.numpy(), rois.numpy())), False)
     except Exception:
         pass
@@ -98,7 +99,7 @@ def _providers(workload: Workload, aligned: bool, threads: int, quick: bool) -> 
         providers["ours-reference"] = (_ours("reference", workload, aligned), True)
     providers["ours-numba"] = (_ours("numba", workload, aligned), True)
     providers["ours-numba channels_last"] = (_ours("numba", workload, aligned), True)
-    return providers
+    return {k: v for k, v in providers.items() if only is None or k in only}
 
 
 def _time_once(fn: Fn, x: torch.Tensor, rois: torch.Tensor, backward: bool) -> float:
@@ -112,11 +113,11 @@ def _time_once(fn: Fn, x: torch.Tensor, rois: torch.Tensor, backward: bool) -> f
 
 
 def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats: int, aligned: bool,
-                   quick: bool) -> list[dict]:
+                   quick: bool, only: set[str] | None = None) -> list[dict]:
     torch.set_num_threads(threads)
     x, rois = workload.data(dtype)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    providers = _providers(workload, aligned, threads, quick)
+    providers = _providers(workload, aligned, threads, quick, dtype, only)
     inputs = {name: (x_cl if "channels_last" in name else x) for name in providers}
 
     # Correctness in the same run: every provider's forward against ours, ours against the reference.
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--aligned", choices=("true", "false"), default="true")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset of: torchvision, onnxruntime, ours-reference, ours-numba, "
+                             "'ours-numba channels_last'")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         workloads += sweep_workloads() if name == "sweep" else [WORKLOADS[name]]
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [os.cpu_count() or 1]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    only = set(args.providers.split(",")) if args.providers else None
 
     print(f"roialign {roialign.__version__}; torch {torch.__version__}; numpy {np.__version__}; "
           f"python {platform.python_version()}; {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores; "
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in dtypes:
         for t in threads:
             for workload in workloads:
-                rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick)
+                rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick, only)
     _print_table(rows)
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -461,7 +461,7 @@ def _planar_is_cheaper(k: int, shape: torch.Size, pooled: int, sampling_ratio: i
     """Reading NCHW directly beats transposing the whole map when there is little work per pixel."""
     n, c, h, w = shape
     taps = 4 * (sampling_ratio * sampling_ratio if sampling_ratio > 0 else 4)
-    return k * pooled * taps * 8 < n * h * w
+    return k * pooled * taps < n * h * w
 
 
 _HUGE_PAGE = 1 << 21
