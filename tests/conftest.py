@@ -12,10 +12,10 @@ if importlib.util.find_spec("triton") is not None and not torch.cuda.is_availabl
 import roialign  # noqa: E402
 
 # The interpreter runs each Triton program in Python: it gets every k-th case of the long tables,
-# and the modules below (correctness, semantics, layouts, bad input); opcheck, compile and gradcheck
+# and the modules below (correctness, peers, layouts, bad input); opcheck, compile and gradcheck
 # of this backend belong to a GPU run.
-INTERPRETED_STRIDE = {"seed": 30}
-INTERPRETED_MODULES = {"test_correctness.py", "test_errors.py", "test_layouts.py"}
+INTERPRETED_STRIDE = {"seed": 10}
+INTERPRETED_MODULES = {"test_correctness.py", "test_errors.py", "test_layouts.py", "test_onnx_peer.py"}
 
 
 def cpu_backends() -> list[str]:

@@ -1,7 +1,8 @@
 """RoIAlign kernels in Triton: CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (for tests).
 
-- forward: one program per (box, bin) and block of channels; the input is read through its
-  strides, so NCHW, channels_last and strided views need no copy.
+- forward: one program per box and block of channels computes a [channels x bins] tile, all
+  bins stepping through the box's sample grid together; the input is read through its strides,
+  so NCHW, channels_last and strided views need no copy.
 - input gradient, deterministic without atomics: one program per (image, band of rows, block of
   channels) owns that part of ``grad_input`` and walks the image's boxes in a fixed order.
 - box gradient: one program per box.
@@ -94,45 +95,64 @@ def _sample(base, bin_size, grid, i, size):
 
 
 @triton.jit
+def _union(first, last, mask):
+    """The smallest range holding every non-empty [first, last) of the lanes in ``mask``."""
+    used = mask & (last > first)
+    lo = tl.min(tl.where(used, first, 2147483647))
+    hi = tl.max(tl.where(used, last, 0))
+    return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
 def _forward_kernel(x_ptr, coords_ptr, batch_ptr, out_ptr, N, C, H, W, sxn, sxc, sxh, sxw, PH, PW, sampling_ratio,
-                    ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    bins = PH * PW
-    k = pid // bins
-    j = pid % bins
-    ph = j // PW
-    pw = j % PW
+                    ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_BINS: tl.constexpr):
+    """Program (box, block of channels): a [channels x bins] tile. Every bin of a box has the same
+    sample grid, so all bins step through the samples together; lanes whose sample falls outside
+    [-1, H] x [-1, W] are masked."""
+    k = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
+    bins = PH * PW
+    j = tl.arange(0, BLOCK_BINS)
+    jmask = j < bins
+    ph = j // PW
+    pw = j % PW
     b = tl.load(batch_ptr + k)
     y1, bin_h, fixed_h, grid_h, x1, bin_w, fixed_w, grid_w, finite = _box_geometry(
         coords_ptr, k, PH, PW, sampling_ratio, ALIGNED)
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_C,), acc_dtype)
-    base_y = y1 + ph * bin_h
-    base_x = x1 + pw * bin_w
-    y_first, y_last = _visible(base_y, bin_h, grid_h, H)
-    x_first, x_last = _visible(base_x, bin_w, grid_w, W)
+    acc = tl.zeros((BLOCK_C, BLOCK_BINS), acc_dtype)
+    base_y = y1 + ph.to(y1.dtype) * bin_h
+    base_x = x1 + pw.to(x1.dtype) * bin_w
+    yf, yl = _visible(base_y, bin_h, grid_h, H)
+    xf, xl = _visible(base_x, bin_w, grid_w, W)
+    y_first, y_last = _union(yf, yl, jmask)
+    x_first, x_last = _union(xf, xl, jmask)
     ok = (b >= 0) & (b < N)
     y_last = tl.where(ok, y_last, y_first)
-    plane = x_ptr + b.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    plane = (x_ptr + b.to(tl.int64) * sxn + c.to(tl.int64) * sxc)[:, None]
     for iy in range(y_first, y_last):
         vy, ylo, yhi, ly, _my = _sample(base_y, bin_h, grid_h, iy, H)
         for ix in range(x_first, x_last):
             vx, xlo, xhi, lx, _mx = _sample(base_x, bin_w, grid_w, ix, W)
-            # The scalar condition is broadcast explicitly: the interpreter cannot mix the two shapes.
-            m = cmask & ((vy & vx).to(tl.int32) + tl.zeros((BLOCK_C,), tl.int32) > 0)
-            hy = 1.0 - ly
-            hx = 1.0 - lx
-            f00 = tl.load(plane + ylo * sxh + xlo * sxw, mask=m, other=0.0).to(acc_dtype)
-            f01 = tl.load(plane + ylo * sxh + xhi * sxw, mask=m, other=0.0).to(acc_dtype)
-            f10 = tl.load(plane + yhi * sxh + xlo * sxw, mask=m, other=0.0).to(acc_dtype)
-            f11 = tl.load(plane + yhi * sxh + xhi * sxw, mask=m, other=0.0).to(acc_dtype)
-            acc += (hy * hx) * f00 + (hy * lx) * f01 + (ly * hx) * f10 + (ly * lx) * f11
+            m = cmask[:, None] & (vy & vx & jmask)[None, :]
+            hy = (1.0 - ly)[None, :]
+            hx = (1.0 - lx)[None, :]
+            lyb = ly[None, :]
+            lxb = lx[None, :]
+            rlo = (ylo * sxh)[None, :]
+            rhi = (yhi * sxh)[None, :]
+            clo = (xlo * sxw)[None, :]
+            chi = (xhi * sxw)[None, :]
+            f00 = tl.load(plane + rlo + clo, mask=m, other=0.0).to(acc_dtype)
+            f01 = tl.load(plane + rlo + chi, mask=m, other=0.0).to(acc_dtype)
+            f10 = tl.load(plane + rhi + clo, mask=m, other=0.0).to(acc_dtype)
+            f11 = tl.load(plane + rhi + chi, mask=m, other=0.0).to(acc_dtype)
+            acc += (hy * hx) * f00 + (hy * lxb) * f01 + (lyb * hx) * f10 + (lyb * lxb) * f11
     count = tl.maximum(grid_h.to(tl.float64) * grid_w.to(tl.float64), 1.0).to(acc_dtype)
-    value = acc / count
-    value = tl.where(finite, value, float("nan"))
-    tl.store(out_ptr + (k * C + c).to(tl.int64) * bins + j, value.to(out_ptr.dtype.element_ty), mask=cmask)
+    value = tl.where(finite, acc / count, float("nan"))
+    offsets = (k * C + c[:, None]).to(tl.int64) * bins + j[None, :]
+    tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & jmask[None, :])
 
 
 @triton.jit
@@ -272,10 +292,11 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     k = rois.shape[0]
     coords, batch = _scaled_boxes(rois, spatial_scale, aligned, compute_dtype(input.dtype))
     out = torch.empty((k, c, pooled_height, pooled_width), dtype=input.dtype, device=input.device)
-    block = _block_c(c)
-    grid = (k * pooled_height * pooled_width, triton.cdiv(c, block))
+    bins = triton.next_power_of_2(pooled_height * pooled_width)
+    block = max(1, min(_block_c(c), 4096 // bins))
+    grid = (k, triton.cdiv(c, block))
     _forward_kernel[grid](input, coords, batch, out, n, c, h, w, *input.stride(), pooled_height, pooled_width,
-                          sampling_ratio, ALIGNED=aligned, BLOCK_C=block)
+                          sampling_ratio, ALIGNED=aligned, BLOCK_C=block, BLOCK_BINS=bins)
     return out
 
 
