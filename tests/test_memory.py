@@ -1,0 +1,37 @@
+"""Bounded work and memory: many boxes, and boxes far larger than the image."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import roialign
+
+
+def test_two_hundred_thousand_boxes(backend):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    k = 200_000
+    xy = torch.rand(k, 2, generator=gen) * 14
+    rois = torch.cat((torch.randint(0, 2, (k, 1), generator=gen).float(), xy, xy + 3), 1).requires_grad_()
+    xg = x.clone().requires_grad_()
+    out = roialign.roi_align(xg, rois, 2, 1.0, 2, True)
+    out.sum().backward()
+    assert out.shape == (k, 4, 2, 2) and out.isfinite().all() and xg.grad.isfinite().all()
+    with roialign.use_backend("numba" if backend != "numba" else "reference"):
+        other = roialign.roi_align(x, rois.detach()[::499], 2, 1.0, 2, True)
+    torch.testing.assert_close(out.detach()[::499], other, atol=1e-5, rtol=1e-5)
+
+
+def test_gigantic_adaptive_boxes_finish_quickly(backend):
+    """Adaptive sampling of [0, 0, 0, 1e9, 1e9] asks for ~2e16 samples per bin; only those that can
+    land on the image are visited, forward and backward."""
+    x = torch.randn(1, 8, 40, 50, requires_grad=True)
+    rois = torch.tensor([[0, 0.0, 0.0, 1e9, 1e9], [0, -1e9, -1e9, 1e9, 1e9], [0, -5e8, 3.0, 20.0, 1e9]],
+                        requires_grad=True)
+    start = time.perf_counter()
+    out = roialign.roi_align(x, rois, 7, 1.0, 0, False)
+    out.sum().backward()
+    assert time.perf_counter() - start < 30
+    assert out.isfinite().all() and x.grad.isfinite().all() and rois.grad.isfinite().all()
