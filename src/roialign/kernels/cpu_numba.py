@@ -416,20 +416,40 @@ class _Workers:
         return max(1, torch.get_num_threads())
 
     def run(self, fn, jobs) -> None:
-        """Call ``fn(*job)`` for every job, on up to ``size()`` threads; re-raise the first error."""
+        """Call ``fn(*job)`` for every job on up to ``size()`` threads, the caller's included.
+
+        Threads take the next job as they finish one (boxes differ in cost). The caller works
+        too, so a call always finishes even when the pool is busy with other callers' jobs.
+        """
         n = self.size()
         if n == 1 or len(jobs) <= 1:
             for job in jobs:
                 fn(*job)
             return
         with self._lock:
-            if self._pool is None or self._size != n:
+            if self._pool is None or self._size != n - 1:
                 if self._pool is not None:
                     self._pool.shutdown(wait=False)
-                self._pool, self._size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="roialign"), n
+                self._pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="roialign")
+                self._size = n - 1
             pool = self._pool
-        for future in [pool.submit(fn, *job) for job in jobs]:
-            future.result()
+        pending = iter(jobs)
+        take = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with take:
+                    job = next(pending, None)
+                if job is None:
+                    return
+                fn(*job)
+
+        helpers = [pool.submit(drain) for _ in range(min(n, len(jobs)) - 1)]
+        try:
+            drain()
+        finally:
+            for helper in helpers:
+                helper.result()
 
 
 _workers = _Workers()
