@@ -263,15 +263,19 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
 @numba.njit(**_JIT)
 def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, spatial_scale, aligned, sampling_ratio,
                          pooled_h, pooled_w, T, grad_feat, planar):
-    """Rows ``[r0, r1)`` of image ``b`` of the input gradient, accumulated over its boxes in order
-    (``grad_t`` is the output gradient as [K, PH * PW, C])
-    in a channels-last band, then written to ``grad_feat`` ([N, C, H, W] if ``planar`` else
-    [N, H, W, C]). Each call owns its rows: no other call writes them."""
+    """Rows ``[r0, r1)`` of image ``b`` of the input gradient, accumulated over the image's boxes in
+    order (``grad_t`` is the output gradient as [K, PH * PW, C]). A channels-last ``grad_feat``
+    ([N, H, W, C]) is accumulated in place; a ``planar`` one ([N, C, H, W]) through a channels-last
+    band that is then transposed into it. Each call owns its rows: no other call writes them."""
     if planar:
         channels, height, width = grad_feat.shape[1], grad_feat.shape[2], grad_feat.shape[3]
     else:
         height, width, channels = grad_feat.shape[1], grad_feat.shape[2], grad_feat.shape[3]
-    band = np.zeros((r1 - r0, width, channels), dtype=grad_feat.dtype)
+    if planar:
+        band = np.zeros((r1 - r0, width, channels), dtype=grad_feat.dtype)
+    else:
+        band = grad_feat[b, r0:r1]  # channels-last: accumulate in place
+        band[:] = 0
     cap_y, cap_x = _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
                              height, width, T)
     yi, yw, yd0, yd1, yn = _tap_buffers(pooled_h, cap_y, T)
@@ -315,8 +319,6 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
                 for q in range(width):
                     for c in range(c0, c1):
                         grad_feat[b, c, r0 + rr, q] = band[rr, q, c]
-    else:
-        grad_feat[b, r0:r1] = band
 
 
 @numba.njit(**_JIT)
