@@ -173,6 +173,19 @@ def _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, poole
 
 
 @numba.njit(**_JIT)
+def _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T,
+              yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn):
+    """Fill the y and x taps of box ``k``; returns whether the box is finite and its sample count
+    ``max(grid_h * grid_w, 1)`` (as float64: the product of two large counts overflows int64)."""
+    y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = _box(
+        rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
+    if finite:
+        _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
+        _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
+    return finite, max(np.float64(grid_h) * np.float64(grid_w), 1.0)
+
+
+@numba.njit(**_JIT)
 def _tap_buffers(pooled, capacity, T):
     return (np.empty((pooled, capacity), dtype=np.int64), np.empty((pooled, capacity), dtype=T),
             np.empty((pooled, capacity), dtype=np.float64), np.empty((pooled, capacity), dtype=np.float64),
@@ -196,14 +209,12 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
-        y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = _box(
-            rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
+        finite, count = _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width,
+                                  T, yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn)
         if not finite or b < 0 or b >= n_img:
             out[k, :, :] = np.nan if not finite else 0.0
             continue
-        _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
-        _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = T(max(np.float64(grid_h) * np.float64(grid_w), 1.0))
+        count = T(count)
         acc[:, :] = 0
         for ph in range(pooled_h):
             for pw in range(pooled_w):
@@ -235,14 +246,12 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
-        y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = _box(
-            rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
+        finite, count = _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width,
+                                  T, yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn)
         if not finite or b < 0 or b >= n_img:
             out[k, :, :] = np.nan if not finite else 0.0
             continue
-        _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
-        _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = T(max(np.float64(grid_h) * np.float64(grid_w), 1.0))
+        count = T(count)
         for c in range(channels):
             plane = feat[b, c]
             for ph in range(pooled_h):
@@ -284,13 +293,11 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
         k = order[j]
         if rows_of_box[k, 1] < r0 or rows_of_box[k, 0] >= r1:
             continue
-        y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = _box(
-            rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
+        finite, count = _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width,
+                                  T, yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn)
         if not finite:
             continue
-        _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
-        _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = T(max(np.float64(grid_h) * np.float64(grid_w), 1.0))
+        count = T(count)
         for ph in range(pooled_h):
             hits = False
             for ty in range(yn[ph]):
@@ -356,16 +363,13 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
-        y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = _box(
-            rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
+        finite, count = _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width,
+                                  T, yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn)
         if not finite:
             grad_rois[k, 1:5] = np.nan
             continue
         if b < 0 or b >= n_img:
             continue
-        _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
-        _axis_taps(x1, roi_w, fixed_w, grid_w, pooled_w, width, T, xi, xw, xd0, xd1, xn)
-        count = max(np.float64(grid_h) * np.float64(grid_w), 1.0)
         gx1 = 0.0
         gy1 = 0.0
         gx2 = 0.0
