@@ -9,7 +9,6 @@ class OnnxRoiAlign:
     """A one-node ONNX model: ``half_pixel`` for aligned=True, ``output_half_pixel`` for aligned=False."""
 
     def __init__(self, output_size, spatial_scale, sampling_ratio, aligned, dtype=np.float32, threads=None):
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
