@@ -186,10 +186,19 @@ def _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_
 
 
 @numba.njit(**_JIT)
-def _tap_buffers(pooled, capacity, T):
+def _axis_buffers(pooled, capacity, T):
     return (np.empty((pooled, capacity), dtype=np.int64), np.empty((pooled, capacity), dtype=T),
             np.empty((pooled, capacity), dtype=np.float64), np.empty((pooled, capacity), dtype=np.float64),
             np.empty(pooled, dtype=np.int64))
+
+
+@numba.njit(**_JIT)
+def _tap_buffers(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T):
+    """Tap buffers (index, weight, d_start, d_end, count) along y then x, large enough for every
+    box ``order[lo:hi]``: allocated once per job, refilled per box by ``_box_taps``."""
+    cap_y, cap_x = _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
+                             height, width, T)
+    return _axis_buffers(pooled_h, cap_y, T) + _axis_buffers(pooled_w, cap_x, T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,10 +210,8 @@ def _tap_buffers(pooled, capacity, T):
 def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out):
     n_img, height, width, channels = feat.shape
     bins = pooled_h * pooled_w
-    cap_y, cap_x = _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
-                             height, width, T)
-    yi, yw, yd0, yd1, yn = _tap_buffers(pooled_h, cap_y, T)
-    xi, xw, xd0, xd1, xn = _tap_buffers(pooled_w, cap_x, T)
+    yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
+        rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
     acc = np.empty((bins, channels), dtype=feat.dtype)
     for j in range(lo, hi):
         k = order[j]
@@ -239,10 +246,8 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
 @numba.njit(**_JIT)
 def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out):
     n_img, channels, height, width = feat.shape
-    cap_y, cap_x = _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
-                             height, width, T)
-    yi, yw, yd0, yd1, yn = _tap_buffers(pooled_h, cap_y, T)
-    xi, xw, xd0, xd1, xn = _tap_buffers(pooled_w, cap_x, T)
+    yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
+        rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
@@ -285,10 +290,8 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
     else:
         band = grad_feat[b, r0:r1]  # channels-last: accumulate in place
         band[:] = 0
-    cap_y, cap_x = _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
-                             height, width, T)
-    yi, yw, yd0, yd1, yn = _tap_buffers(pooled_h, cap_y, T)
-    xi, xw, xd0, xd1, xn = _tap_buffers(pooled_w, cap_x, T)
+    yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
+        rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
     for j in range(lo, hi):
         k = order[j]
         if rows_of_box[k, 1] < r0 or rows_of_box[k, 0] >= r1:
@@ -355,10 +358,8 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
                         T, grad_rois):
     """Box gradient of boxes ``order[lo:hi]``: d/d(x1, y1, x2, y2) into ``grad_rois[:, 1:5]``."""
     n_img, height, width, channels = feat.shape
-    cap_y, cap_x = _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
-                             height, width, T)
-    yi, yw, yd0, yd1, yn = _tap_buffers(pooled_h, cap_y, T)
-    xi, xw, xd0, xd1, xn = _tap_buffers(pooled_w, cap_x, T)
+    yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
+        rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
     g = np.empty(channels, dtype=feat.dtype)
     for j in range(lo, hi):
         k = order[j]
