@@ -34,8 +34,6 @@ def _box_geometry(coords_ptr, k, PH, PW, sampling_ratio, ALIGNED: tl.constexpr):
     y2 = tl.load(coords_ptr + k * 4 + 3)
     roi_w = x2 - x1
     roi_h = y2 - y1
-    fixed_w = roi_w < 0  # placeholder of the right type, set below
-    fixed_h = roi_h < 0
     if ALIGNED:
         fixed_w = roi_w != roi_w  # False for finite sizes
         fixed_h = roi_h != roi_h
