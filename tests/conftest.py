@@ -15,7 +15,7 @@ import roialign  # noqa: E402
 # and the modules below (correctness, peers, layouts, bad input); opcheck, compile and gradcheck
 # of this backend belong to a GPU run.
 INTERPRETED_STRIDE = {"seed": 10}
-INTERPRETED_MODULES = {"test_correctness.py", "test_errors.py", "test_layouts.py", "test_onnx_peer.py"}
+INTERPRETED_MODULES = {"test_bands.py", "test_correctness.py", "test_errors.py", "test_layouts.py", "test_onnx_peer.py"}
 
 
 def cpu_backends() -> list[str]:

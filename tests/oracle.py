@@ -43,6 +43,21 @@ def _bilinear(plane: np.ndarray, y: float, x: float):
     return value, d_y, d_x, taps
 
 
+def _candidates(base, bin_size, grid, size):
+    """The sample indices of a bin to try: all of them, unless the bin has over 10^5 samples.
+
+    Then (adaptive sampling of a gigantic box) only indices within 2000 of those whose exact
+    position lies in [-1, size]: float32 rounding moves a sample by far less than 2000 sample
+    spacings, so every sample that can land on the map is tried, and tested exactly.
+    """
+    if grid <= 100_000:
+        return range(grid)
+    step = float(bin_size) / grid
+    a, b = (-1.0 - float(base)) / step - 0.5, (size - float(base)) / step - 0.5
+    lo, hi = min(a, b), max(a, b)
+    return range(max(0, math.floor(lo) - 2000), min(grid, math.ceil(hi) + 2000))
+
+
 def roi_align(x, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, grad_out=None,
               geometry=np.float32):
     """Forward, and with ``grad_out`` also the input and box gradients, all as float64 arrays."""
@@ -75,12 +90,12 @@ def roi_align(x, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligne
         count = max(grid_h * grid_w, 1)
         for ph in range(pooled_h):
             for pw in range(pooled_w):
-                for iy in range(grid_h):
+                for iy in _candidates(y1 + g(ph) * bin_h, bin_h, grid_h, h):
                     yy = y1 + g(ph) * bin_h + g(iy + 0.5) * bin_h / g(grid_h)
                     if bin_h > 0 and yy > h:
                         break  # samples only move further down
                     ty = (ph + (iy + 0.5) / grid_h) / pooled_h
-                    for ix in range(grid_w):
+                    for ix in _candidates(x1 + g(pw) * bin_w, bin_w, grid_w, w):
                         xx = x1 + g(pw) * bin_w + g(ix + 0.5) * bin_w / g(grid_w)
                         if bin_w > 0 and xx > w:
                             break

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype
+from .reference import compute_dtype, row_span
 
 _JIT = dict(nogil=True, cache=True)
 _MAX_GRID = 2**52
@@ -556,15 +556,6 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     return out if dtype == input.dtype else out.to(input.dtype)
 
 
-def _rows_of_boxes(rois: Tensor, spatial_scale: float, aligned: bool, height: int) -> np.ndarray:
-    """[K, 2] first and last feature row each box can read (a conservative bound), as int64."""
-    offset = 0.5 if aligned else 0.0
-    y = rois[:, [2, 4]].double() * spatial_scale - offset
-    lo = torch.minimum(y[:, 0], y[:, 1]).nan_to_num(0.0).floor() - 1
-    hi = torch.maximum(y[:, 0], torch.maximum(y[:, 1], y[:, 0] + 1)).nan_to_num(float(height)).ceil() + 1
-    return torch.stack((lo, hi), 1).clamp(0, max(height - 1, 0)).long().numpy()
-
-
 def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                    batch_size: int, channels: int, height: int, width: int, sampling_ratio: int, aligned: bool,
                    channels_last: bool) -> Tensor:
@@ -578,7 +569,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     batch = torch.from_numpy(geometry[:, 0]).long()
     order = torch.argsort(batch, stable=True).numpy()
     bounds = torch.searchsorted(batch[order].contiguous(), torch.arange(batch_size + 1)).numpy()
-    rows = _rows_of_boxes(rois, spatial_scale, aligned, height)
+    rows = row_span(rois, spatial_scale, aligned, height).numpy()
     if channels_last:
         grad_input = _empty((batch_size, height, width, channels), dtype)
         target = grad_input.numpy()

@@ -30,6 +30,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_span(rois: Tensor, spatial_scale: float, aligned: bool, height: int) -> Tensor:
+    """[K, 2] int64: the first and last feature row that any tap of each box can touch.
+
+    A conservative bound, used to skip boxes when the input gradient is accumulated in bands of
+    rows. Sample positions are computed in float32 for float32 input, so a box whose corners
+    are of magnitude M can place samples about 1e-6 * M outside its exact extent: the margin
+    grows with M. Non-finite boxes span every row (they contribute nothing anyway).
+    """
+    offset = 0.5 if aligned else 0.0
+    y = rois[:, [2, 4]].double() * spatial_scale - offset
+    lo = torch.minimum(y[:, 0], y[:, 1])
+    hi = torch.maximum(y[:, 0], torch.maximum(y[:, 1], y[:, 0] + 1))  # unaligned boxes are >= 1 high
+    margin = 2 + 4e-6 * y.abs().sum(1)
+    first = (lo - margin).floor().nan_to_num(0.0)
+    last = (hi + margin).ceil().nan_to_num(float(height))
+    return torch.stack((first, last), 1).clamp(0, max(height - 1, 0)).long()
+
+
 class AxisTaps(NamedTuple):
     """The row (or column) taps of every output bin of a chunk of boxes along one axis.
 
