@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import compute_dtype
+from .reference import compute_dtype, row_span
 
 _MAX_GRID = 2**30
-_BAND_ROWS = 16
+_BAND_ROWS = 8  # rows of grad_input owned by one program
+_BACKWARD_BLOCK_C = 64  # channels per program in the input gradient: 256 contiguous bytes in float32
 
 
 @triton.jit
@@ -160,49 +161,59 @@ def _accumulate(ptr, w, g, mask):
 
 
 @triton.jit
-def _backward_input_kernel(grad_ptr, coords_ptr, order_ptr, bounds_ptr, out_ptr, C, H, W, PH, PW, sampling_ratio,
-                           n_bands, BAND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (image b, band of rows, channel block): the only writer of that part of ``out``."""
+def _backward_input_kernel(grad_ptr, coords_ptr, order_ptr, spans_ptr, bounds_ptr, out_ptr, C, H, W, PH, PW,
+                           sampling_ratio, n_bands, BAND: tl.constexpr, ALIGNED: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    """Program (image b, band of rows, channel block): the only writer of that part of ``out``.
+
+    ``out`` is [N, H, W, C] and ``grad`` is [K, PH, PW, C], so every read and write is a run of
+    contiguous channels. The image's boxes are walked in a fixed order (``order``, grouped by
+    image); ``spans`` holds, in the same order, the rows each box can touch, so that boxes that
+    miss the band cost two loads."""
     pid = tl.program_id(0)
     b = pid // n_bands
     r0 = (pid % n_bands) * BAND
     r1 = r0 + BAND
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    bins = PH * PW
-    plane = out_ptr + (b * C + c).to(tl.int64) * H * W
+    image = out_ptr + b.to(tl.int64) * H * W * C + c
     first_box = tl.load(bounds_ptr + b)
     last_box = tl.load(bounds_ptr + b + 1)
     for j in range(first_box, last_box):
-        k = tl.load(order_ptr + j)
-        y1, bin_h, fixed_h, grid_h, x1, bin_w, fixed_w, grid_w, finite = _box_geometry(
-            coords_ptr, k, PH, PW, sampling_ratio, ALIGNED)
-        count = tl.maximum(grid_h.to(tl.float64) * grid_w.to(tl.float64), 1.0)
-        for ph in range(PH):
-            base_y = y1 + ph * bin_h
-            y_first, y_last = _visible(base_y, bin_h, grid_h, H)
-            for iy in range(y_first, y_last):
-                vy, ylo, yhi, ly, _my = _sample(base_y, bin_h, grid_h, iy, H)
-                lo_in = (ylo >= r0) & (ylo < r1)
-                hi_in = (yhi >= r0) & (yhi < r1) & (yhi != ylo)
-                if vy & (lo_in | hi_in):
-                    for pw in range(PW):
-                        base_x = x1 + pw * bin_w
-                        x_first, x_last = _visible(base_x, bin_w, grid_w, W)
-                        go = tl.load(grad_ptr + (k * C + c).to(tl.int64) * bins + ph * PW + pw, mask=cmask,
-                                     other=0.0)
-                        g = go / count.to(go.dtype)
-                        for ix in range(x_first, x_last):
-                            vx, xlo, xhi, lx, _mx = _sample(base_x, bin_w, grid_w, ix, W)
-                            if vx:
-                                hy = 1.0 - ly
-                                hx = 1.0 - lx
-                                if lo_in:
-                                    _accumulate(plane + ylo * W + xlo, (hy * hx).to(go.dtype), g, cmask)
-                                    _accumulate(plane + ylo * W + xhi, (hy * lx).to(go.dtype), g, cmask)
-                                if hi_in:
-                                    _accumulate(plane + yhi * W + xlo, (ly * hx).to(go.dtype), g, cmask)
-                                    _accumulate(plane + yhi * W + xhi, (ly * lx).to(go.dtype), g, cmask)
+        row_first = tl.load(spans_ptr + 2 * j)
+        row_last = tl.load(spans_ptr + 2 * j + 1)
+        if (row_first < r1) & (row_last >= r0):
+            k = tl.load(order_ptr + j)
+            y1, bin_h, fixed_h, grid_h, x1, bin_w, fixed_w, grid_w, finite = _box_geometry(
+                coords_ptr, k, PH, PW, sampling_ratio, ALIGNED)
+            count = tl.maximum(grid_h.to(tl.float64) * grid_w.to(tl.float64), 1.0)
+            for ph in range(PH):
+                base_y = y1 + ph * bin_h
+                y_first, y_last = _visible(base_y, bin_h, grid_h, H)
+                for iy in range(y_first, y_last):
+                    vy, ylo, yhi, ly, _my = _sample(base_y, bin_h, grid_h, iy, H)
+                    lo_in = (ylo >= r0) & (ylo < r1)
+                    hi_in = (yhi >= r0) & (yhi < r1) & (yhi != ylo)
+                    if vy & (lo_in | hi_in):
+                        row_lo = image + (ylo * W).to(tl.int64) * C
+                        row_hi = image + (yhi * W).to(tl.int64) * C
+                        for pw in range(PW):
+                            base_x = x1 + pw * bin_w
+                            x_first, x_last = _visible(base_x, bin_w, grid_w, W)
+                            go = tl.load(grad_ptr + ((k * PH + ph) * PW + pw).to(tl.int64) * C + c, mask=cmask,
+                                         other=0.0)
+                            g = go / count.to(go.dtype)
+                            for ix in range(x_first, x_last):
+                                vx, xlo, xhi, lx, _mx = _sample(base_x, bin_w, grid_w, ix, W)
+                                if vx:
+                                    hy = 1.0 - ly
+                                    hx = 1.0 - lx
+                                    if lo_in:
+                                        _accumulate(row_lo + xlo * C, (hy * hx).to(go.dtype), g, cmask)
+                                        _accumulate(row_lo + xhi * C, (hy * lx).to(go.dtype), g, cmask)
+                                    if hi_in:
+                                        _accumulate(row_hi + xlo * C, (ly * hx).to(go.dtype), g, cmask)
+                                        _accumulate(row_hi + xhi * C, (ly * lx).to(go.dtype), g, cmask)
 
 
 @triton.jit
@@ -280,8 +291,8 @@ def _scaled_boxes(rois: Tensor, spatial_scale: float, aligned: bool, dtype: torc
     return coords, rois[:, 0].to(torch.int32).contiguous()
 
 
-def _block_c(channels: int) -> int:
-    return max(16, min(128, triton.next_power_of_2(channels)))
+def _block_c(channels: int, largest: int = 128) -> int:
+    return max(16, min(largest, triton.next_power_of_2(channels)))
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -303,18 +314,21 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
                    channels_last: bool) -> Tensor:
     dtype = compute_dtype(grad.dtype)
     coords, batch = _scaled_boxes(rois, spatial_scale, aligned, dtype)
-    order = torch.argsort(batch, stable=True).to(torch.int32)
-    bounds = torch.searchsorted(batch[order.long()].contiguous(),
-                                torch.arange(batch_size + 1, device=grad.device, dtype=torch.int32)).to(torch.int32)
-    out = torch.zeros((batch_size, channels, height, width), dtype=dtype, device=grad.device)
-    block = _block_c(channels)
+    # Boxes grouped by image, each group in its original order: the fixed order of accumulation.
+    order = torch.argsort(batch, stable=True)
+    bounds = torch.searchsorted(batch[order].contiguous(),
+                                torch.arange(batch_size + 1, device=grad.device, dtype=torch.int32))
+    spans = row_span(rois.detach(), spatial_scale, aligned, height)[order].to(torch.int32).contiguous()
+    grad_t = grad.to(dtype).permute(0, 2, 3, 1).contiguous()  # [K, PH, PW, C]
+    out = torch.zeros((batch_size, height, width, channels), dtype=dtype, device=grad.device)
+    block = _block_c(channels, _BACKWARD_BLOCK_C)
     n_bands = triton.cdiv(height, _BAND_ROWS)
     grid = (batch_size * n_bands, triton.cdiv(channels, block))
-    _backward_input_kernel[grid](grad.contiguous().to(dtype), coords, order, bounds, out, channels, height, width,
-                                 pooled_height, pooled_width, sampling_ratio, n_bands, BAND=_BAND_ROWS,
-                                 ALIGNED=aligned, BLOCK_C=block)
+    _backward_input_kernel[grid](grad_t, coords, order.to(torch.int32), spans, bounds.to(torch.int32), out, channels,
+                                 height, width, pooled_height, pooled_width, sampling_ratio, n_bands,
+                                 BAND=_BAND_ROWS, ALIGNED=aligned, BLOCK_C=block, num_warps=max(1, block // 32))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return out.to(grad.dtype, memory_format=memory_format)
+    return out.permute(0, 3, 1, 2).to(grad.dtype, memory_format=memory_format)
 
 
 def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
