@@ -2,7 +2,8 @@
 
 Excluded from the default run (CI has no GPU; the same kernels are tested there through Triton's
 interpreter). Compares CUDA results with the numba backend's on CPU for the random-case table,
-checks that the backward is bitwise deterministic, and compiles the op with inductor.
+checks that the backward is bitwise deterministic, and compiles the op with inductor (which
+must then see the Triton kernels themselves).
 """
 
 from __future__ import annotations
@@ -67,10 +68,38 @@ def test_cuda_half_types(dtype):
     torch.testing.assert_close(got.cpu().double(), want, atol=2e-2, rtol=2e-2, equal_nan=True)
 
 
-def test_cuda_compile_fullgraph():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cuda_compile_sees_the_triton_kernels(dynamic):
+    """Inductor receives our Triton kernels (not an opaque op), forward and backward, and the
+    compiled graph gives the eager numbers, gradients included."""
+    from torch._inductor.utils import run_and_get_code
+
     def f(x, rois):
         return roialign.roi_align(x, rois, 7, 0.25, 2, True).relu().mean()
+
+    torch._dynamo.reset()
     x = torch.randn(2, 16, 40, 50, device="cuda", requires_grad=True)
-    rois = torch.tensor([[0, 4.0, 4.0, 90.0, 120.0], [1, 30.0, 8.0, 150.0, 60.0]], device="cuda")
-    compiled = torch.compile(f, fullgraph=True)
-    torch.testing.assert_close(compiled(x, rois), f(x, rois))
+    rois = torch.tensor([[0, 4.0, 4.0, 90.0, 120.0], [1, 30.0, 8.0, 150.0, 60.0]], device="cuda",
+                        requires_grad=True)
+    want = f(x, rois)
+    want_grads = torch.autograd.grad(want, (x, rois))
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+
+    def run():
+        out = compiled(x, rois)
+        return out, torch.autograd.grad(out, (x, rois))
+
+    (got, got_grads), code = run_and_get_code(run)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+    source = "\n".join(code)
+    for kernel in ("_forward_kernel", "_backward_input_kernel", "_backward_rois_kernel"):
+        assert kernel in source
+    assert "roialign.roi_align.default" not in source
+
+
+def test_cuda_compiled_graph_still_raises_for_bad_batch_index():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, r: roialign.roi_align(x, r, 2, 1.0, 2, True), fullgraph=True)
+    with pytest.raises(IndexError, match="batch indices"):
+        compiled(torch.randn(2, 4, 10, 12, device="cuda"), torch.tensor([[2.0, 1, 1, 5, 5]], device="cuda"))

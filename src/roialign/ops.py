@@ -8,6 +8,8 @@ box-gradient operator needs the input's values and is only called when boxes req
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -58,10 +60,14 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
     """RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``."""
     _check_tensors(input, rois, pooled_height, pooled_width)
     check_batch_index(rois, input.shape[0])
+    return _forward(_backend.select(input.device), input, rois, spatial_scale, pooled_height, pooled_width,
+                    sampling_ratio, aligned)
+
+
+def _forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     k, c = rois.shape[0], input.shape[1]
     if k == 0 or input.numel() == 0:
         return input.new_zeros((k, c, pooled_height, pooled_width))
-    kernel = _backend.select(input.device)
     return kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
 
 
@@ -76,11 +82,16 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
                        aligned: bool, channels_last: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to its input, laid out as the input was."""
+    return _backward_input(_backend.select(grad.device), grad, rois, spatial_scale, pooled_height, pooled_width,
+                           batch_size, channels, height, width, sampling_ratio, aligned, channels_last)
+
+
+def _backward_input(kernel, grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
+                    width, sampling_ratio, aligned, channels_last):
     shape = (batch_size, channels, height, width)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if rois.shape[0] == 0 or grad.numel() == 0 or height * width == 0:
         return grad.new_zeros(shape).contiguous(memory_format=memory_format)
-    kernel = _backend.select(grad.device)
     return kernel.backward_input(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels,
                                  height, width, sampling_ratio, aligned, channels_last)
 
@@ -97,9 +108,13 @@ def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channe
 def roi_align_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                             pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to the boxes: ``[K, 5]``, zero in the batch-index column."""
+    return _backward_rois(_backend.select(input.device), grad, input, rois, spatial_scale, pooled_height,
+                          pooled_width, sampling_ratio, aligned)
+
+
+def _backward_rois(kernel, grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     if rois.shape[0] == 0 or input.numel() == 0:
         return rois.new_zeros(rois.shape)
-    kernel = _backend.select(input.device)
     return kernel.backward_rois(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
                                 aligned)
 
@@ -133,3 +148,65 @@ def _backward(ctx, grad):
 
 
 roi_align.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile on CUDA: see through the op into the Triton kernels.
+#
+# Under AOTAutograd (the part of torch.compile that traces the forward and backward graphs),
+# each op above is replaced by the body of its Triton implementation, launched through
+# ``torch.library.wrap_triton``, so that inductor receives the Triton kernels themselves rather
+# than an opaque call (as ``torch.library.triton_op`` does for ops made of Triton kernels only).
+# Elsewhere, and under torch.export, which keeps custom ops whole, the ops stay opaque. The
+# batch-index check needs the boxes' values, so the traced forward keeps it as an opaque op.
+
+
+@torch.library.custom_op("roialign::checked_rois", mutates_args=())
+def checked_rois(rois: Tensor, batch_size: int) -> Tensor:
+    """A copy of ``rois`` after :func:`check_batch_index`: the check stays in traced graphs."""
+    check_batch_index(rois, batch_size)
+    return rois.clone()
+
+
+@checked_rois.register_fake
+def _(rois, batch_size):
+    return torch.empty_like(rois)
+
+
+def _traced_forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    _check_tensors(input, rois, pooled_height, pooled_width)
+    rois = checked_rois(rois, input.shape[0])
+    return _forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+
+
+def _triton_for_tracing(device: torch.device) -> ModuleType | None:
+    """The Triton kernel module when a graph traced on ``device`` should see into it, else None."""
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    if device.type != "cuda" or custom_triton_ops_decomposition_disabled():
+        return None
+    kernel = _backend.select(device)
+    return kernel if kernel.__name__.endswith(".gpu_triton") else None
+
+
+def _register_triton_decomposition(op, body, device_of) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    known = (Tensor, FunctionalTensor, FakeTensor)
+
+    def rule(mode, func, types, args, kwargs):
+        if any(not issubclass(t, known) for t in types):
+            return NotImplemented
+        kernel = _triton_for_tracing(device_of(*args))
+        if kernel is None:
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode, kernel.traced():
+            return body(kernel, *args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+_register_triton_decomposition(roi_align, _traced_forward, lambda input, *rest: input.device)
+_register_triton_decomposition(roi_align_backward, _backward_input, lambda grad, *rest: grad.device)
+_register_triton_decomposition(roi_align_backward_rois, _backward_rois, lambda grad, input, *rest: input.device)

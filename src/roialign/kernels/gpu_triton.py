@@ -15,6 +15,10 @@ each side, and the exact test is applied to each). Adaptive sample counts are ca
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -283,6 +287,23 @@ def _backward_rois_kernel(grad_ptr, x_ptr, coords_ptr, batch_ptr, out_ptr, N, C,
 # ----------------------------------------------------------------------------------------------
 # Launchers.
 
+_tracing: contextvars.ContextVar[bool] = contextvars.ContextVar("roialign_triton_tracing", default=False)
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[None]:
+    """Launch kernels through ``torch.library.wrap_triton``, so that a graph being traced by
+    torch.compile records them (see ``roialign.ops``); eager calls launch them directly."""
+    token = _tracing.set(True)
+    try:
+        yield
+    finally:
+        _tracing.reset(token)
+
+
+def _launcher(kernel):
+    return torch.library.wrap_triton(kernel) if _tracing.get() else kernel
+
 
 def _scaled_boxes(rois: Tensor, spatial_scale: float, aligned: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Box corners in feature pixels ([K, 4], computed as every backend does) and batch indices."""
@@ -292,7 +313,7 @@ def _scaled_boxes(rois: Tensor, spatial_scale: float, aligned: bool, dtype: torc
 
 
 def _block_c(channels: int, largest: int = 128) -> int:
-    return max(16, min(largest, triton.next_power_of_2(channels)))
+    return max(16, min(largest, triton.next_power_of_2(int(channels))))
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -304,8 +325,8 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     bins = triton.next_power_of_2(pooled_height * pooled_width)
     block = max(1, min(_block_c(c), 4096 // bins))
     grid = (k, triton.cdiv(c, block))
-    _forward_kernel[grid](input, coords, batch, out, n, c, h, w, *input.stride(), pooled_height, pooled_width,
-                          sampling_ratio, ALIGNED=aligned, BLOCK_C=block, BLOCK_BINS=bins)
+    _launcher(_forward_kernel)[grid](input, coords, batch, out, n, c, h, w, *input.stride(), pooled_height,
+                                     pooled_width, sampling_ratio, ALIGNED=aligned, BLOCK_C=block, BLOCK_BINS=bins)
     return out
 
 
@@ -324,9 +345,10 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     block = _block_c(channels, _BACKWARD_BLOCK_C)
     n_bands = triton.cdiv(height, _BAND_ROWS)
     grid = (batch_size * n_bands, triton.cdiv(channels, block))
-    _backward_input_kernel[grid](grad_t, coords, order.to(torch.int32), spans, bounds.to(torch.int32), out, channels,
-                                 height, width, pooled_height, pooled_width, sampling_ratio, n_bands,
-                                 BAND=_BAND_ROWS, ALIGNED=aligned, BLOCK_C=block, num_warps=max(1, block // 32))
+    _launcher(_backward_input_kernel)[grid](grad_t, coords, order.to(torch.int32), spans, bounds.to(torch.int32), out,
+                                            channels, height, width, pooled_height, pooled_width, sampling_ratio,
+                                            n_bands, BAND=_BAND_ROWS, ALIGNED=aligned, BLOCK_C=block,
+                                            num_warps=max(1, block // 32))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return out.permute(0, 3, 1, 2).to(grad.dtype, memory_format=memory_format)
 
@@ -338,8 +360,8 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     dtype = compute_dtype(input.dtype)
     coords, batch = _scaled_boxes(rois, spatial_scale, aligned, dtype)
     out = torch.empty((k, 4), dtype=dtype, device=input.device)
-    _backward_rois_kernel[(k,)](grad.contiguous(), input, coords, batch, out, n, c, h, w, *input.stride(),
-                                pooled_height, pooled_width, sampling_ratio, ALIGNED=aligned,
-                                BLOCK_C=_block_c(c))
+    _launcher(_backward_rois_kernel)[(k,)](grad.contiguous(), input, coords, batch, out, n, c, h, w,
+                                           *input.stride(), pooled_height, pooled_width, sampling_ratio,
+                                           ALIGNED=aligned, BLOCK_C=_block_c(c))
     grad_rois = torch.cat((torch.zeros_like(out[:, :1]), out * spatial_scale), dim=1)
     return grad_rois.to(rois.dtype)

@@ -39,7 +39,7 @@ def row_span(rois: Tensor, spatial_scale: float, aligned: bool, height: int) -> 
     grows with M. Non-finite boxes span every row (they contribute nothing anyway).
     """
     offset = 0.5 if aligned else 0.0
-    y = rois[:, [2, 4]].double() * spatial_scale - offset
+    y = rois[:, 2:5:2].double() * spatial_scale - offset  # y1, y2
     lo = torch.minimum(y[:, 0], y[:, 1])
     hi = torch.maximum(y[:, 0], torch.maximum(y[:, 1], y[:, 0] + 1))  # unaligned boxes are >= 1 high
     margin = 2 + 4e-6 * y.abs().sum(1)

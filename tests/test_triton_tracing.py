@@ -1,0 +1,106 @@
+"""torch.compile sees through the ops into the Triton kernels on CUDA (``roialign.ops``).
+
+No GPU is needed to check the tracing itself: AOTAutograd's functional tracing (what
+torch.compile runs before inductor) is applied to CPU tensors in a child process where Triton
+is not interpreted, with the switch that normally looks for CUDA tensors set to the Triton
+backend. The kernels are recorded, not run. Running the compiled graph needs a GPU
+(``tests/test_cuda.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import roialign  # noqa: E402
+from roialign import ops  # noqa: E402
+
+CHILD = textwrap.dedent("""
+    import json
+
+    import torch
+    from torch._functorch.aot_autograd import aot_export_module
+
+    import roialign
+    from roialign import ops
+    from roialign.kernels import gpu_triton
+
+    class Forward(torch.nn.Module):
+        def forward(self, x, rois):
+            return (roialign.roi_align(x, rois, 7, 0.25, 0, True),)
+
+    class BackwardInput(torch.nn.Module):
+        def forward(self, grad, rois):
+            return (torch.ops.roialign.roi_align_backward(grad, rois, 0.25, 7, 7, 2, 8, 20, 24, 2, True, False),)
+
+    class BackwardRois(torch.nn.Module):
+        def forward(self, grad, x, rois):
+            return (torch.ops.roialign.roi_align_backward_rois(grad, x, rois, 0.25, 7, 7, 2, True),)
+
+    x, grad = torch.randn(2, 8, 20, 24), torch.randn(2, 8, 7, 7)
+    rois = torch.tensor([[0, 1.0, 1, 30, 40], [1, 5, 5, 60, 70]])
+    cases = {"forward": (Forward(), (x, rois)), "backward_input": (BackwardInput(), (grad, rois)),
+             "backward_rois": (BackwardRois(), (grad, x, rois))}
+
+    def traced(name, dynamic=False):
+        module, args = cases[name]
+        return aot_export_module(module, args, trace_joint=False, dynamic_shapes=dynamic)[0].code
+
+    def counts(code):  # Triton kernels, opaque roi_align ops, batch-index checks
+        calls = ("triton_kernel_wrapper_functional(", "roialign.roi_align.default", "roialign.checked_rois.default")
+        return [code.count(call) for call in calls]
+
+    found = {"cpu": counts(traced("forward"))}
+    ops._triton_for_tracing = lambda device: gpu_triton  # as for CUDA tensors under the Triton backend
+    for name in cases:
+        for dynamic in (False, True):
+            found[f"{name} {dynamic}"] = counts(traced(name, dynamic))
+    found["export"] = counts(str(torch.export.export(Forward(), (x, rois)).graph))
+    print(json.dumps(found))
+""")
+
+
+@pytest.fixture(scope="module")
+def child_output() -> dict[str, list[int]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("dynamic", ["False", "True"])
+@pytest.mark.parametrize("name", ["forward", "backward_input", "backward_rois"])
+def test_traced_graph_holds_the_triton_kernel_not_the_op(child_output, name, dynamic):
+    kernels, opaque, checks = child_output[f"{name} {dynamic}"]
+    assert kernels == 1 and opaque == 0
+    # The forward keeps the batch-index check, which needs the boxes' values, as an opaque op.
+    assert checks == (1 if name == "forward" else 0)
+
+
+def test_export_and_cpu_tensors_keep_the_op_whole(child_output):
+    assert child_output["export"][:2] == [0, 1]
+    assert child_output["cpu"] == [0, 1, 0]
+
+
+def test_only_the_triton_backend_on_cuda_is_traced_into():
+    cuda = torch.device("cuda")
+    assert ops._triton_for_tracing(torch.device("cpu")) is None
+    assert ops._triton_for_tracing(cuda).__name__ == "roialign.kernels.gpu_triton"
+    with roialign.use_backend("reference"):
+        assert ops._triton_for_tracing(cuda) is None
+
+
+def test_checked_rois_raises_and_copies():
+    rois = torch.tensor([[1.0, 0, 0, 4, 4]])
+    copy = torch.ops.roialign.checked_rois(rois, 2)
+    assert torch.equal(copy, rois) and copy.data_ptr() != rois.data_ptr()
+    with pytest.raises(IndexError, match="batch indices"):
+        torch.ops.roialign.checked_rois(rois, 1)
