@@ -1,19 +1,27 @@
 """CUDA benchmark of roialign's Triton kernels against torchvision's CUDA roi_align.
 
 Needs a CUDA device (and, for the peer, torchvision). Times with ``triton.testing.do_bench``
-(CUDA events, median of many runs, L2 cleared between runs); checks every provider's forward
-against ours in the same run; prints a table and writes CSV.
+(CUDA events, median of many runs, L2 cleared between runs, gradients reset between backward
+runs); in the same run it compares every provider's forward output and input gradient with
+ours and checks that our input gradient is bitwise identical from run to run; prints a table
+and writes CSV.
 
     python benchmarks/bench_cuda.py --dtypes float32,float16,bfloat16 --csv cuda.csv
 
 Providers: ``torchvision`` (atomic backward), ``torchvision deterministic`` (the same call under
 ``torch.use_deterministic_algorithms(True)``), ``ours-triton`` (NCHW and channels_last input).
+
+``--smoke`` runs the script's own logic on one tiny workload on CPU tensors through Triton's
+interpreter, with a wall-clock timer: a check that the script works, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+import statistics
+import time
 
 import torch
 
@@ -21,6 +29,7 @@ import roialign
 from roialign._bench import WORKLOADS, Workload
 
 TRAIN_BATCH = Workload("train-batch", 8, 256, 200, 272, 8 * 512, 1 / 4, 7, 2)
+SMOKE = Workload("smoke", 2, 16, 24, 20, 12, 1 / 4, 3, 2)
 
 
 def _providers(w: Workload, aligned: bool):
@@ -49,36 +58,69 @@ def _providers(w: Workload, aligned: bool):
     return providers
 
 
-def main() -> None:
-    import triton.testing
+def _wall_clock_ms(fn, grad_to_none=None, repeats=3):
+    times = []
+    for _ in range(repeats):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
+
+def _input_grad(fn, x, rois, grad):
+    leaf = x.detach().requires_grad_()
+    fn(leaf, rois).backward(grad)
+    return leaf.grad
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="float32,float16,bfloat16")
+    parser.add_argument("--workloads", default=",".join(list(WORKLOADS) + [TRAIN_BATCH.name]))
     parser.add_argument("--aligned", choices=("true", "false"), default="true")
     parser.add_argument("--csv", default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_cuda.py needs a CUDA device")
     aligned = args.aligned == "true"
-    print(f"roialign {roialign.__version__}; torch {torch.__version__}; {torch.cuda.get_device_name()}")
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first imported
+        device, workloads, dtypes, timer = "cpu", [SMOKE], [torch.float32], _wall_clock_ms
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_cuda.py needs a CUDA device (or --smoke)")
+        import triton.testing
+
+        known = {w.name: w for w in list(WORKLOADS.values()) + [TRAIN_BATCH]}
+        device, workloads = "cuda", [known[name] for name in args.workloads.split(",")]
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+        timer = triton.testing.do_bench
+        print(f"roialign {roialign.__version__}; torch {torch.__version__}; {torch.cuda.get_device_name()}")
     rows = []
-    for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
-        for w in list(WORKLOADS.values()) + [TRAIN_BATCH]:
+    for dtype in dtypes:
+        for w in workloads:
             x, rois = w.data(torch.float32)
-            x, rois = x.cuda().to(dtype), rois.cuda().to(dtype)
+            x, rois = x.to(device, dtype), rois.to(device, dtype)
             providers = _providers(w, aligned)
-            ref = providers["ours-triton"][0](x, rois).float()
+            ours = providers["ours-triton"][0]
+            ref = ours(x, rois).float()
+            grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+            ref_grad = _input_grad(ours, x, rois, grad)
+            deterministic = torch.equal(ref_grad, _input_grad(ours, x, rois, grad))
             for name, (fn, channels_last) in providers.items():
                 xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
                 diff = float((fn(xi, rois).float() - ref).abs().max())
+                grad_diff = float((_input_grad(fn, xi, rois, grad).float() - ref_grad.float()).abs().max())
                 leaf = xi.detach().requires_grad_()
-                grad = torch.ones_like(fn(xi, rois))
-                fwd = triton.testing.do_bench(lambda: fn(xi, rois))
-                both = triton.testing.do_bench(lambda: fn(leaf, rois).backward(grad))
+                fwd = timer(lambda: fn(xi, rois))
+                both = timer(lambda: fn(leaf, rois).backward(grad), grad_to_none=[leaf])
                 rows.append(dict(workload=w.name, dtype=str(dtype).replace("torch.", ""), provider=name,
-                                 fwd_ms=round(fwd, 3), fwd_bwd_ms=round(both, 3), max_abs_diff_vs_ours=diff))
+                                 fwd_ms=round(fwd, 4), fwd_bwd_ms=round(both, 4), max_abs_diff_vs_ours=diff,
+                                 max_abs_grad_diff_vs_ours=grad_diff, ours_bitwise_deterministic=deterministic))
                 print(f"{w.name:<12} {rows[-1]['dtype']:<9} {name:<26} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  "
-                      f"max diff {diff:.1e}")
+                      f"max diff {diff:.1e}  grad diff {grad_diff:.1e}")
+            print(f"{w.name:<12} ours: input gradient bitwise identical across runs: {deterministic}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
