@@ -4,8 +4,14 @@
   bins stepping through the box's sample grid together; the input is read through its strides,
   so NCHW, channels_last and strided views need no copy.
 - input gradient, deterministic without atomics: one program per (image, band of rows, block of
-  channels) owns that part of ``grad_input`` and walks the image's boxes in a fixed order.
+  channels) owns that part of ``grad_input`` and walks the image's boxes in a fixed order,
+  skipping those whose row span misses the band. It accumulates in float32 (float64) into an
+  [N, H, W, C] buffer, so that every read-modify-write is a run of contiguous channels.
 - box gradient: one program per box.
+
+The launchers are plain PyTorch code around the kernel launches; under ``traced()`` they launch
+through ``torch.library.wrap_triton``, which lets torch.compile record the kernels themselves
+(``roialign.ops`` does this for CUDA tensors).
 
 Box coordinates are scaled on the host with the same float32 (float64) operations as every
 other backend; sample positions follow the published order of operations. Only samples that
