@@ -4,6 +4,7 @@ One schema, one fake (shape) implementation and one autograd formula for every d
 real implementation picks a kernel with :func:`roialign._backend.select`. The input-gradient
 operator receives the input's shape instead of the input, as torchvision's does; the
 box-gradient operator needs the input's values and is only called when boxes require grad.
+On CUDA, torch.compile traces through all three into the Triton kernels (end of this file).
 """
 
 from __future__ import annotations
