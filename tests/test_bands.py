@@ -1,6 +1,6 @@
 """The input gradient is accumulated in bands of rows that skip the boxes which cannot reach them.
 
-The numba and Triton backends both use :func:`roialign.kernels.reference.row_span` to skip
+The numba and Triton backends both use :func:`roialign.kernels.reference.roi_align.row_span` to skip
 boxes; these tests check that its bound holds (also where float32 rounding moves samples far
 outside a gigantic box's exact extent) and that band boundaries change nothing.
 """
@@ -15,7 +15,7 @@ import torch
 
 import oracle
 import roialign
-from roialign.kernels.reference import row_span
+from roialign.kernels.reference.roi_align import row_span
 
 
 def _gigantic_boxes(seed: int, k: int, height: int, width: int) -> torch.Tensor:
@@ -93,11 +93,11 @@ def test_boxes_across_many_bands_match_oracle(backend, aligned, sampling_ratio):
 def one_row_bands(monkeypatch):
     """Bands of a single row, so that a box skipped for a row it does reach shows at once."""
     if importlib.util.find_spec("numba") is not None:
-        from roialign.kernels import cpu_numba
-        monkeypatch.setattr(cpu_numba, "_BAND_BYTES", 1)
+        from roialign.kernels.cpu import roi_align as cpu_roi_align
+        monkeypatch.setattr(cpu_roi_align, "_BAND_BYTES", 1)
     if importlib.util.find_spec("triton") is not None:
-        from roialign.kernels import gpu_triton
-        monkeypatch.setattr(gpu_triton, "_BAND_ROWS", 1)
+        from roialign.kernels.triton import roi_align as triton_roi_align
+        monkeypatch.setattr(triton_roi_align, "_BAND_ROWS", 1)
 
 
 @pytest.mark.parametrize("aligned", [False, True])

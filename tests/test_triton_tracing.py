@@ -1,4 +1,4 @@
-"""torch.compile sees through the ops into the Triton kernels on CUDA (``roialign.ops``).
+"""torch.compile sees through the ops into the Triton kernels on CUDA (``roialign.ops.common``).
 
 No GPU is needed to check the tracing itself: AOTAutograd's functional tracing (what
 torch.compile runs before inductor) is applied to CPU tensors in a child process where Triton
@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("triton")
 
 import roialign  # noqa: E402
-from roialign import ops  # noqa: E402
+from roialign.ops import common  # noqa: E402
 
 CHILD = textwrap.dedent("""
     import json
@@ -30,8 +30,8 @@ CHILD = textwrap.dedent("""
     from torch._functorch.aot_autograd import aot_export_module
 
     import roialign
-    from roialign import ops
-    from roialign.kernels import gpu_triton
+    from roialign.ops import common
+    from roialign.kernels.triton import roi_align as triton_roi_align
 
     class Forward(torch.nn.Module):
         def forward(self, x, rois):
@@ -59,7 +59,7 @@ CHILD = textwrap.dedent("""
         return [code.count(call) for call in calls]
 
     found = {"cpu": counts(traced("forward"))}
-    ops._triton_for_tracing = lambda device: gpu_triton  # as for CUDA tensors under the Triton backend
+    common._triton_for_tracing = lambda device, operator: triton_roi_align  # as for CUDA tensors under the Triton backend
     for name in cases:
         for dynamic in (False, True):
             found[f"{name} {dynamic}"] = counts(traced(name, dynamic))
@@ -92,10 +92,10 @@ def test_export_and_cpu_tensors_keep_the_op_whole(child_output):
 
 def test_only_the_triton_backend_on_cuda_is_traced_into():
     cuda = torch.device("cuda")
-    assert ops._triton_for_tracing(torch.device("cpu")) is None
-    assert ops._triton_for_tracing(cuda).__name__ == "roialign.kernels.gpu_triton"
+    assert common._triton_for_tracing(torch.device("cpu"), "roi_align") is None
+    assert common._triton_for_tracing(cuda, "roi_align").__name__ == "roialign.kernels.triton.roi_align"
     with roialign.use_backend("reference"):
-        assert ops._triton_for_tracing(cuda) is None
+        assert common._triton_for_tracing(cuda, "roi_align") is None
 
 
 def test_checked_rois_raises_and_copies():

@@ -7,8 +7,7 @@ pure PyTorch (any device), Numba (CPU) or Triton (CUDA).
 
 from . import ops  # noqa: F401  (registers torch.ops.roialign.*)
 from ._backend import available_backends, current_backend, use_backend
-from .functional import roi_align
-from .module import ROIAlign
+from .api.roi_align import ROIAlign, roi_align
 
 __version__ = "0.1.0"
 
@@ -17,6 +16,6 @@ __all__ = ["ROIAlign", "roi_align", "use_backend", "available_backends", "curren
 
 def warmup() -> None:
     """Compile the CPU kernels now (or load them from Numba's on-disk cache) instead of on first use."""
-    from .kernels import cpu_numba
+    from .kernels.cpu import roi_align as cpu_roi_align
 
-    cpu_numba.warmup()
+    cpu_roi_align.warmup()

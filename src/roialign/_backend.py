@@ -1,7 +1,7 @@
 """Which kernel runs a call: ``auto`` picks the fastest one available for the tensor's device.
 
-A backend is a module in :mod:`roialign.kernels` with three functions, ``forward``,
-``backward_input`` and ``backward_rois``. ``use_backend`` (a context manager, local to the
+A backend is a folder of :mod:`roialign.kernels` with one module per operator
+(``roialign.kernels.<backend>.<operator>``). ``use_backend`` (a context manager, local to the
 thread or task) and the ``ROIALIGN_BACKEND`` environment variable force one by name.
 """
 
@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("reference", "numba", "triton")
-_MODULES = {"reference": "reference", "numba": "cpu_numba", "triton": "gpu_triton"}
+_FOLDERS = {"reference": "reference", "numba": "cpu", "triton": "triton"}
 _CHOICES = ("auto",) + BACKENDS
 _ENV_VAR = "ROIALIGN_BACKEND"
 
@@ -90,8 +90,8 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def select(device: torch.device) -> ModuleType:
-    """The kernel module that runs on ``device`` under the backend in force."""
+def select_name(device: torch.device) -> str:
+    """The name of the backend that runs on ``device`` under the backend in force."""
     name = current_backend()
     if name == "auto":
         # The Triton interpreter is for testing, never a CPU default.
@@ -101,4 +101,9 @@ def select(device: torch.device) -> ModuleType:
         reason = _unavailable_reason(name, device)
         if reason is not None:
             raise RuntimeError(f"roialign backend {name!r} is not available: {reason}")
-    return importlib.import_module(f"roialign.kernels.{_MODULES[name]}")
+    return name
+
+
+def select(device: torch.device, operator: str) -> ModuleType:
+    """The kernel module of ``operator`` that runs on ``device`` under the backend in force."""
+    return importlib.import_module(f"roialign.kernels.{_FOLDERS[select_name(device)]}.{operator}")

@@ -1,4 +1,4 @@
-"""The public functional API: argument checks, box formats, docstrings."""
+"""Argument checks and box formats shared by every operator's public API."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-from . import ops
-
-__all__ = ["roi_align"]
 
 BoxesLike = Tensor | Sequence[Tensor]
 
@@ -58,42 +54,3 @@ def boxes_to_rois(boxes: BoxesLike) -> Tensor:
     if not parts:
         raise ValueError("boxes must not be an empty list: pass one [L, 4] tensor per image, or a [0, 5] tensor")
     return torch.cat(parts, dim=0)
-
-
-def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int], spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """Crop and resample a feature map at each box, with torchvision's signature and defaults.
-
-    Each box is divided into ``output_size`` bins; a bin's value is the average of a regular
-    grid of bilinear samples inside it. Differentiable with respect to ``input`` and ``boxes``.
-
-    Args:
-        input: features ``[N, C, H, W]``, float16, bfloat16, float32 or float64, in any memory
-            layout (contiguous, channels_last or a strided view).
-        boxes: a ``[K, 5]`` tensor of ``(batch index, x1, y1, x2, y2)`` in input-image
-            coordinates, or a list of ``N`` tensors ``[L_i, 4]`` of ``(x1, y1, x2, y2)``, one per
-            image. Any floating dtype; they are cast to float32 (float64 for float64 input).
-        output_size: ``(PH, PW)`` or an int for a square output.
-        spatial_scale: factor from box coordinates to feature-map pixels (e.g. ``1 / 16``).
-        sampling_ratio: samples per bin along each axis; ``<= 0`` picks
-            ``ceil(box size / output size)`` for each box (adaptive).
-        aligned: if True, shift the box by -0.5 pixel (pixel centres at integer + 0.5), as in
-            detectron2; if False, the original Mask R-CNN convention, with boxes at least one
-            pixel wide and high.
-
-    Returns:
-        ``[K, C, PH, PW]``, NCHW-contiguous, of the input's dtype. A box with a NaN or infinite
-        coordinate gives NaN in all its outputs; samples outside the image contribute zero.
-
-    Raises:
-        TypeError, ValueError: for arguments of the wrong type, shape, value or device.
-        IndexError: for a batch index that is not an integer in ``[0, N)``.
-    """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor [N, C, H, W]; got {type(input).__name__}")
-    pooled_height, pooled_width = output_size_pair(output_size)
-    check_scalars(spatial_scale, sampling_ratio, aligned)
-    rois = boxes_to_rois(boxes)
-    if rois.dtype.is_floating_point:
-        rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
-    return ops.roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio), aligned)

@@ -11,7 +11,7 @@
 
 The launchers are plain PyTorch code around the kernel launches; under ``traced()`` they launch
 through ``torch.library.wrap_triton``, which lets torch.compile record the kernels themselves
-(``roialign.ops`` does this for CUDA tensors).
+(``roialign.ops`` does this for CUDA tensors; see ``common.traced``).
 
 Box coordinates are scaled on the host with the same float32 (float64) operations as every
 other backend; sample positions follow the published order of operations. Only samples that
@@ -21,16 +21,14 @@ each side, and the exact test is applied to each). Adaptive sample counts are ca
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import compute_dtype, row_span
+from ..reference.common import compute_dtype
+from ..reference.roi_align import row_span
+from .common import block_c, launcher
 
 _MAX_GRID = 2**30
 _BAND_ROWS = 8  # rows of grad_input owned by one program
@@ -293,33 +291,11 @@ def _backward_rois_kernel(grad_ptr, x_ptr, coords_ptr, batch_ptr, out_ptr, N, C,
 # ----------------------------------------------------------------------------------------------
 # Launchers.
 
-_tracing: contextvars.ContextVar[bool] = contextvars.ContextVar("roialign_triton_tracing", default=False)
-
-
-@contextlib.contextmanager
-def traced() -> Iterator[None]:
-    """Launch kernels through ``torch.library.wrap_triton``, so that a graph being traced by
-    torch.compile records them (see ``roialign.ops``); eager calls launch them directly."""
-    token = _tracing.set(True)
-    try:
-        yield
-    finally:
-        _tracing.reset(token)
-
-
-def _launcher(kernel):
-    return torch.library.wrap_triton(kernel) if _tracing.get() else kernel
-
-
 def _scaled_boxes(rois: Tensor, spatial_scale: float, aligned: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Box corners in feature pixels ([K, 4], computed as every backend does) and batch indices."""
     rois = rois.detach().to(dtype)
     coords = (rois[:, 1:5] * spatial_scale - (0.5 if aligned else 0.0)).contiguous()
     return coords, rois[:, 0].to(torch.int32).contiguous()
-
-
-def _block_c(channels: int, largest: int = 128) -> int:
-    return max(16, min(largest, triton.next_power_of_2(int(channels))))
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -329,9 +305,9 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     coords, batch = _scaled_boxes(rois, spatial_scale, aligned, compute_dtype(input.dtype))
     out = torch.empty((k, c, pooled_height, pooled_width), dtype=input.dtype, device=input.device)
     bins = triton.next_power_of_2(pooled_height * pooled_width)
-    block = max(1, min(_block_c(c), 4096 // bins))
+    block = max(1, min(block_c(c), 4096 // bins))
     grid = (k, triton.cdiv(c, block))
-    _launcher(_forward_kernel)[grid](input, coords, batch, out, n, c, h, w, *input.stride(), pooled_height,
+    launcher(_forward_kernel)[grid](input, coords, batch, out, n, c, h, w, *input.stride(), pooled_height,
                                      pooled_width, sampling_ratio, ALIGNED=aligned, BLOCK_C=block, BLOCK_BINS=bins)
     return out
 
@@ -348,10 +324,10 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     spans = row_span(rois.detach(), spatial_scale, aligned, height)[order].to(torch.int32).contiguous()
     grad_t = grad.to(dtype).permute(0, 2, 3, 1).contiguous()  # [K, PH, PW, C]
     out = torch.zeros((batch_size, height, width, channels), dtype=dtype, device=grad.device)
-    block = _block_c(channels, _BACKWARD_BLOCK_C)
+    block = block_c(channels, _BACKWARD_BLOCK_C)
     n_bands = triton.cdiv(height, _BAND_ROWS)
     grid = (batch_size * n_bands, triton.cdiv(channels, block))
-    _launcher(_backward_input_kernel)[grid](grad_t, coords, order.to(torch.int32), spans, bounds.to(torch.int32), out,
+    launcher(_backward_input_kernel)[grid](grad_t, coords, order.to(torch.int32), spans, bounds.to(torch.int32), out,
                                             channels, height, width, pooled_height, pooled_width, sampling_ratio,
                                             n_bands, BAND=_BAND_ROWS, ALIGNED=aligned, BLOCK_C=block,
                                             num_warps=max(1, block // 32))
@@ -366,8 +342,8 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     dtype = compute_dtype(input.dtype)
     coords, batch = _scaled_boxes(rois, spatial_scale, aligned, dtype)
     out = torch.empty((k, 4), dtype=dtype, device=input.device)
-    _launcher(_backward_rois_kernel)[(k,)](grad.contiguous(), input, coords, batch, out, n, c, h, w,
+    launcher(_backward_rois_kernel)[(k,)](grad.contiguous(), input, coords, batch, out, n, c, h, w,
                                            *input.stride(), pooled_height, pooled_width, sampling_ratio,
-                                           ALIGNED=aligned, BLOCK_C=_block_c(c))
+                                           ALIGNED=aligned, BLOCK_C=block_c(c))
     grad_rois = torch.cat((torch.zeros_like(out[:, :1]), out * spatial_scale), dim=1)
     return grad_rois.to(rois.dtype)

@@ -20,14 +20,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .common import compute_dtype
+
 _BUDGET = 1 << 22  # elements of the largest gathered block
 _BOX_BLOCK = 1024  # boxes whose geometry is built together, before any split
 _MAX_GRID = float(2**52)  # adaptive sample counts are capped where float64 stops being exact
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def row_span(rois: Tensor, spatial_scale: float, aligned: bool, height: int) -> Tensor:

@@ -13,7 +13,7 @@ pytest.importorskip("numba")
 
 import oracle  # noqa: E402
 import roialign  # noqa: E402
-from roialign.kernels import cpu_numba  # noqa: E402
+from roialign.kernels.cpu import roi_align as cpu_roi_align  # noqa: E402
 
 
 def problem(seed=0, k=300):
@@ -120,7 +120,7 @@ def test_dataloader_workers_started_with_fork():
 
 @pytest.mark.parametrize("planar", [False, True])
 def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
-    monkeypatch.setattr(cpu_numba, "_planar_is_cheaper", lambda *args: planar)
+    monkeypatch.setattr(cpu_roi_align, "_planar_is_cheaper", lambda *args: planar)
     x, rois = problem(3, k=20)
     x = x[:, :3].contiguous()
     with roialign.use_backend("numba"):

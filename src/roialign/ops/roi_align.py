@@ -4,17 +4,16 @@ One schema, one fake (shape) implementation and one autograd formula for every d
 real implementation picks a kernel with :func:`roialign._backend.select`. The input-gradient
 operator receives the input's shape instead of the input, as torchvision's does; the
 box-gradient operator needs the input's values and is only called when boxes require grad.
-On CUDA, torch.compile traces through all three into the Triton kernels (end of this file).
+On CUDA, torch.compile traces through all three into the Triton kernels (``common``).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from . import _backend
+from .. import _backend
+from .common import check_batch_index, checked_rois, register_triton_decomposition
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_backward_rois"]
 
@@ -35,21 +34,6 @@ def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width
         raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
 
 
-def check_batch_index(rois: Tensor, batch_size: int) -> None:
-    """IndexError unless every box's batch index is an integer in [0, batch_size).
-
-    One reduction and one host synchronisation, whatever the device.
-    """
-    if rois.shape[0] == 0:
-        return
-    index = rois[:, 0]
-    bad = ~((index >= 0) & (index < batch_size) & (index == torch.floor(index)))
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"rois[:, 0] must hold integer batch indices in [0, {batch_size}); rois[{k}, 0] is {float(index[k])}")
-
-
 def _channels_last(input: Tensor) -> bool:
     """True for a channels_last input (NHWC in memory) that is not also NCHW-contiguous."""
     return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
@@ -61,7 +45,7 @@ def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: 
     """RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``."""
     _check_tensors(input, rois, pooled_height, pooled_width)
     check_batch_index(rois, input.shape[0])
-    return _forward(_backend.select(input.device), input, rois, spatial_scale, pooled_height, pooled_width,
+    return _forward(_backend.select(input.device, "roi_align"), input, rois, spatial_scale, pooled_height, pooled_width,
                     sampling_ratio, aligned)
 
 
@@ -83,7 +67,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
                        aligned: bool, channels_last: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to its input, laid out as the input was."""
-    return _backward_input(_backend.select(grad.device), grad, rois, spatial_scale, pooled_height, pooled_width,
+    return _backward_input(_backend.select(grad.device, "roi_align"), grad, rois, spatial_scale, pooled_height, pooled_width,
                            batch_size, channels, height, width, sampling_ratio, aligned, channels_last)
 
 
@@ -109,7 +93,7 @@ def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channe
 def roi_align_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                             pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to the boxes: ``[K, 5]``, zero in the batch-index column."""
-    return _backward_rois(_backend.select(input.device), grad, input, rois, spatial_scale, pooled_height,
+    return _backward_rois(_backend.select(input.device, "roi_align"), grad, input, rois, spatial_scale, pooled_height,
                           pooled_width, sampling_ratio, aligned)
 
 
@@ -151,27 +135,8 @@ def _backward(ctx, grad):
 roi_align.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.compile on CUDA: see through the op into the Triton kernels.
-#
-# Under AOTAutograd (the part of torch.compile that traces the forward and backward graphs),
-# each op above is replaced by the body of its Triton implementation, launched through
-# ``torch.library.wrap_triton``, so that inductor receives the Triton kernels themselves rather
-# than an opaque call (as ``torch.library.triton_op`` does for ops made of Triton kernels only).
-# Elsewhere, and under torch.export, which keeps custom ops whole, the ops stay opaque. The
-# batch-index check needs the boxes' values, so the traced forward keeps it as an opaque op.
-
-
-@torch.library.custom_op("roialign::checked_rois", mutates_args=())
-def checked_rois(rois: Tensor, batch_size: int) -> Tensor:
-    """A copy of ``rois`` after :func:`check_batch_index`: the check stays in traced graphs."""
-    check_batch_index(rois, batch_size)
-    return rois.clone()
-
-
-@checked_rois.register_fake
-def _(rois, batch_size):
-    return torch.empty_like(rois)
+# torch.compile on CUDA: the traced forward checks the batch indices through an opaque op, then
+# runs the Triton launcher (see ``common.register_triton_decomposition``).
 
 
 def _traced_forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
@@ -180,34 +145,6 @@ def _traced_forward(kernel, input, rois, spatial_scale, pooled_height, pooled_wi
     return _forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
 
 
-def _triton_for_tracing(device: torch.device) -> ModuleType | None:
-    """The Triton kernel module when a graph traced on ``device`` should see into it, else None."""
-    from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-    if device.type != "cuda" or custom_triton_ops_decomposition_disabled():
-        return None
-    kernel = _backend.select(device)
-    return kernel if kernel.__name__.endswith(".gpu_triton") else None
-
-
-def _register_triton_decomposition(op, body, device_of) -> None:
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-
-    known = (Tensor, FunctionalTensor, FakeTensor)
-
-    def rule(mode, func, types, args, kwargs):
-        if any(not issubclass(t, known) for t in types):
-            return NotImplemented
-        kernel = _triton_for_tracing(device_of(*args))
-        if kernel is None:
-            return mode.__torch_dispatch__(func, types, args, kwargs)
-        with mode, kernel.traced():
-            return body(kernel, *args, **kwargs)
-
-    op.register_torch_dispatch(FunctionalTensorMode, rule)
-
-
-_register_triton_decomposition(roi_align, _traced_forward, lambda input, *rest: input.device)
-_register_triton_decomposition(roi_align_backward, _backward_input, lambda grad, *rest: grad.device)
-_register_triton_decomposition(roi_align_backward_rois, _backward_rois, lambda grad, input, *rest: input.device)
+register_triton_decomposition(roi_align, "roi_align", _traced_forward, lambda input, *rest: input.device)
+register_triton_decomposition(roi_align_backward, "roi_align", _backward_input, lambda grad, *rest: grad.device)
+register_triton_decomposition(roi_align_backward_rois, "roi_align", _backward_rois, lambda grad, input, *rest: input.device)

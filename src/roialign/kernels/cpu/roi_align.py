@@ -2,12 +2,11 @@
 
 Layout: the kernels read features channels-last (``[N, H, W, C]``), so that every bilinear tap
 is one contiguous run of channels that the compiler vectorises. An NCHW input is transposed
-once per call (by PyTorch's own parallel copy); for a handful of boxes on a large map a
+once per call (by the thread pool of ``common``); for a handful of boxes on a large map a
 planar kernel that reads NCHW directly is used instead, since the transpose would cost more
 than the work.
 
-Threads: the kernels are compiled ``nogil`` and driven by a thread pool of our own, sized by
-``torch.get_num_threads()`` and recreated after ``fork``. Work is split so that each thread owns
+Threads (``common.workers``): each job owns
 its part of the output (boxes for the forward and the box gradient, an image and a block of
 channels for the input gradient), and each part is computed in a fixed order: results are
 bitwise identical from run to run and for any number of threads, without atomics or locks.
@@ -19,20 +18,15 @@ the order of operations of the published kernels; accumulation is in the feature
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype, row_span
+from ..reference.common import compute_dtype
+from ..reference.roi_align import row_span
+from .common import JIT, box_geometry, box_jobs, channels_last_view, empty, workers
 
-_JIT = dict(nogil=True, cache=True)
 _MAX_GRID = 2**52
 
 
@@ -40,7 +34,7 @@ _MAX_GRID = 2**52
 # Geometry: one box, one axis.
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(inline="always", **JIT)
 def _visible_samples(base, bin_size, grid, size):
     """[first, last) of the sample indices in [0, grid) that can land in [-1, size], plus one spare each side."""
     if grid <= 0:
@@ -59,7 +53,7 @@ def _visible_samples(base, bin_size, grid, size):
     return int(first), int(max(last, first))
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _box(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T):
     """Scaled start, size, clamped-size flag and sample count along y and x; ``finite`` last."""
     offset = T(0.5) if aligned else T(0.0)
@@ -93,7 +87,7 @@ def _box(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
     return y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _tap_capacity(start, length, grid, pooled, size, T):
     """The most taps (two per visible sample) that any bin of this axis can have."""
     bin_size = length / T(pooled)
@@ -104,7 +98,7 @@ def _tap_capacity(start, length, grid, pooled, size, T):
     return 2 * most
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(inline="always", **JIT)
 def _add_tap(index, weight, d_start, d_end, p, n, i, w, ds, de):
     """Append a tap to bin ``p`` (which has ``n``), or merge it into one of the last two with the
     same pixel: samples move monotonically, so a repeated pixel is always among those two."""
@@ -121,7 +115,7 @@ def _add_tap(index, weight, d_start, d_end, p, n, i, w, ds, de):
     return n + 1
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _axis_taps(start, length, fixed, grid, pooled, size, T, index, weight, d_start, d_end, count):
     """Fill the taps of every bin along one axis: ``index``/``weight``/``d_start``/``d_end`` are
     ``[pooled, capacity]`` and ``count[p]`` says how many are used. Samples that read the same
@@ -157,7 +151,7 @@ def _axis_taps(start, length, fixed, grid, pooled, size, T, index, weight, d_sta
         count[p] = n
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T):
     """The largest tap counts, along y and along x, of the boxes ``order[lo:hi]``."""
     cap_y = 1
@@ -172,7 +166,7 @@ def _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, poole
     return cap_y, cap_x
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T,
               yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn):
     """Fill the y and x taps of box ``k``; returns whether the box is finite and its sample count
@@ -185,14 +179,14 @@ def _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_
     return finite, max(np.float64(grid_h) * np.float64(grid_w), 1.0)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _axis_buffers(pooled, capacity, T):
     return (np.empty((pooled, capacity), dtype=np.int64), np.empty((pooled, capacity), dtype=T),
             np.empty((pooled, capacity), dtype=np.float64), np.empty((pooled, capacity), dtype=np.float64),
             np.empty(pooled, dtype=np.int64))
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _tap_buffers(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T):
     """Tap buffers (index, weight, d_start, d_end, count) along y then x, large enough for every
     box ``order[lo:hi]``: allocated once per job, refilled per box by ``_box_taps``."""
@@ -206,7 +200,7 @@ def _tap_buffers(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, po
 # kernel handles the boxes ``order[lo:hi]`` and sizes its tap buffers once for all of them.
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out):
     n_img, height, width, channels = feat.shape
     bins = pooled_h * pooled_w
@@ -243,7 +237,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                 out[k, c, i] = acc[i, c] / count
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out):
     n_img, channels, height, width = feat.shape
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
@@ -274,7 +268,7 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                     out[k, c, ph * pooled_w + pw] = s / count
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, spatial_scale, aligned, sampling_ratio,
                          pooled_h, pooled_w, T, grad_feat, planar):
     """Rows ``[r0, r1)`` of image ``b`` of the input gradient, accumulated over the image's boxes in
@@ -331,20 +325,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
                         grad_feat[b, c, r0 + rr, q] = band[rr, q, c]
 
 
-@numba.njit(**_JIT)
-def _nchw_to_nhwc(x, b, r0, r1, out):
-    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, 32 channels at a time
-    so that the 32 source rows stay in cache while the destination is written in order."""
-    channels, width = x.shape[1], x.shape[3]
-    for r in range(r0, r1):
-        for c0 in range(0, channels, 32):
-            c1 = min(c0 + 32, channels)
-            for q in range(width):
-                for c in range(c0, c1):
-                    out[b, r, q, c] = x[b, c, r, q]
-
-
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _transpose_boxes(grad, lo, hi, grad_t):
     """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C]."""
     for k in range(lo, hi):
@@ -353,7 +334,7 @@ def _transpose_boxes(grad, lo, hi, grad_t):
                 grad_t[k, i, c] = grad[k, c, i]
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT)
 def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
                         T, grad_rois):
     """Box gradient of boxes ``order[lo:hi]``: d/d(x1, y1, x2, y2) into ``grad_rois[:, 1:5]``."""
@@ -401,87 +382,9 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
 
 
 # ----------------------------------------------------------------------------------------------
-# Threads.
-
-
-class _Workers:
-    """A thread pool for ``nogil`` kernels, sized by ``torch.get_num_threads()``, recreated after fork."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._size = 0
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        # The parent's threads do not exist in a forked child: never touch their pool there.
-        self._lock = threading.Lock()
-        self._pool, self._size = None, 0
-
-    def size(self) -> int:
-        return max(1, torch.get_num_threads())
-
-    def run(self, fn, jobs) -> None:
-        """Call ``fn(*job)`` for every job on up to ``size()`` threads, the caller's included.
-
-        Threads take the next job as they finish one (boxes differ in cost). The caller works
-        too, so a call always finishes even when the pool is busy with other callers' jobs.
-        """
-        n = self.size()
-        if n == 1 or len(jobs) <= 1:
-            for job in jobs:
-                fn(*job)
-            return
-        with self._lock:
-            if self._pool is None or self._size != n - 1:
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False)
-                self._pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="roialign")
-                self._size = n - 1
-            pool = self._pool
-        pending = iter(jobs)
-        take = threading.Lock()
-
-        def drain() -> None:
-            while True:
-                with take:
-                    job = next(pending, None)
-                if job is None:
-                    return
-                fn(*job)
-
-        helpers = [pool.submit(drain) for _ in range(min(n, len(jobs)) - 1)]
-        try:
-            drain()
-        finally:
-            for helper in helpers:
-                helper.result()
-
-
-_workers = _Workers()
-
-
-def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
-    parts = max(1, min(parts, total))
-    edges = np.linspace(0, total, parts + 1).round().astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-# ----------------------------------------------------------------------------------------------
 # Launchers: torch tensors in, torch tensors out.
 
 _BAND_BYTES = 1 << 20  # rows of input gradient accumulated together: about one L2 cache
-
-
-def _geometry(rois: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, type]:
-    rois = rois.detach().to(dtype).contiguous()
-    return rois.numpy(), (np.float64 if dtype == torch.float64 else np.float32)
-
-
-def _box_jobs(k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Boxes in their own order, in a few more parts than threads (boxes differ in cost)."""
-    return np.arange(k, dtype=np.int64), _ranges(k, 4 * _workers.size())
 
 
 def _planar_is_cheaper(k: int, shape: torch.Size, pooled: int, sampling_ratio: int) -> bool:
@@ -491,67 +394,21 @@ def _planar_is_cheaper(k: int, shape: torch.Size, pooled: int, sampling_ratio: i
     return k * pooled * taps < n * h * w
 
 
-_HUGE_PAGE = 1 << 21
-_libc = None
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.empty``, with transparent huge pages requested for large buffers on Linux.
-
-    A fresh buffer of tens of MB costs more in 4 KiB page faults than the kernel that fills it;
-    2 MiB pages cut that cost about threefold here. Where madvise is unavailable this is plain
-    ``torch.empty``.
-    """
-    global _libc
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
-        return t
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-        end = (t.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
-        if end > start:
-            _libc.madvise(start, end - start, 14)  # MADV_HUGEPAGE; a refusal only costs speed
-    except (OSError, AttributeError):
-        pass
-    return t
-
-
-def _channels_last(t: Tensor) -> np.ndarray:
-    """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
-
-    Our pool, not PyTorch's OpenMP threads, does the copy: it is faster here, and it is safe in a
-    child forked after the parent used the kernels (GNU OpenMP is not).
-    """
-    t = t.detach()
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).numpy()
-    x = t.contiguous().numpy()
-    n, c, h, w = t.shape
-    out = _empty((n, h, w, c), t.dtype).numpy()
-    rows = max(1, (1 << 16) // max(1, w * c))
-    _workers.run(_nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), out) for b in range(n) for r0 in range(0, h, rows)])
-    return out
-
-
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
             sampling_ratio: int, aligned: bool) -> Tensor:
     dtype = compute_dtype(input.dtype)
     k, c = rois.shape[0], input.shape[1]
-    geometry, T = _geometry(rois, dtype)
-    out = _empty((k, c, pooled_height, pooled_width), dtype)
+    geometry, T = box_geometry(rois, dtype)
+    out = empty((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     x = input.detach().to(dtype)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
         feat, kernel = x.contiguous().numpy(), _forward_nchw
     else:
-        feat, kernel = _channels_last(x), _forward_nhwc
-    order, parts = _box_jobs(k)
-    _workers.run(kernel, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
+        feat, kernel = channels_last_view(x), _forward_nhwc
+    order, parts = box_jobs(k)
+    workers.run(kernel, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
                            pooled_width, T, out_np) for lo, hi in parts])
     return out if dtype == input.dtype else out.to(input.dtype)
 
@@ -560,10 +417,10 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
                    batch_size: int, channels: int, height: int, width: int, sampling_ratio: int, aligned: bool,
                    channels_last: bool) -> Tensor:
     dtype = compute_dtype(grad.dtype)
-    geometry, T = _geometry(rois, dtype)
+    geometry, T = box_geometry(rois, dtype)
     grad_np = grad.detach().to(dtype).contiguous().view(grad.shape[0], channels, -1).numpy()
-    grad_t = _empty((grad_np.shape[0], grad_np.shape[2], channels), dtype).numpy()
-    _workers.run(_transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in _box_jobs(grad_np.shape[0])[1]])
+    grad_t = empty((grad_np.shape[0], grad_np.shape[2], channels), dtype).numpy()
+    workers.run(_transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
     # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
     # and each job owns a band of rows of one image, so the result does not depend on threads.
     batch = torch.from_numpy(geometry[:, 0]).long()
@@ -571,30 +428,30 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     bounds = torch.searchsorted(batch[order].contiguous(), torch.arange(batch_size + 1)).numpy()
     rows = row_span(rois, spatial_scale, aligned, height).numpy()
     if channels_last:
-        grad_input = _empty((batch_size, height, width, channels), dtype)
+        grad_input = empty((batch_size, height, width, channels), dtype)
         target = grad_input.numpy()
         result = grad_input.permute(0, 3, 1, 2)
     else:
-        grad_input = _empty((batch_size, channels, height, width), dtype)
+        grad_input = empty((batch_size, channels, height, width), dtype)
         target, result = grad_input.numpy(), grad_input
     band = max(1, _BAND_BYTES // max(1, width * channels * grad_input.element_size()))
     jobs = [(grad_t, geometry, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0, min(height, r0 + band),
              spatial_scale, aligned, sampling_ratio, pooled_height, pooled_width, T, target, not channels_last)
             for b in range(batch_size) for r0 in range(0, height, band)]
-    _workers.run(_backward_input_rows, jobs)
+    workers.run(_backward_input_rows, jobs)
     return result if dtype == grad.dtype else result.to(grad.dtype)
 
 
 def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                   pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     dtype = compute_dtype(input.dtype)
-    geometry, T = _geometry(rois, dtype)
+    geometry, T = box_geometry(rois, dtype)
     k, c = rois.shape[0], input.shape[1]
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, -1).numpy()
-    feat = _channels_last(input.detach().to(dtype))
+    feat = channels_last_view(input.detach().to(dtype))
     grad_rois = np.zeros((k, 5), dtype=np.float64)
-    order, parts = _box_jobs(k)
-    _workers.run(_backward_rois_nhwc, [(grad_np, feat, geometry, order, lo, hi, spatial_scale, aligned,
+    order, parts = box_jobs(k)
+    workers.run(_backward_rois_nhwc, [(grad_np, feat, geometry, order, lo, hi, spatial_scale, aligned,
                                         sampling_ratio, pooled_height, pooled_width, T, grad_rois)
                                        for lo, hi in parts])
     return torch.from_numpy(grad_rois).to(rois.dtype)

@@ -1,0 +1,86 @@
+"""RoIAlign's public API: the functional ``roi_align`` (torchvision's signature) and ``ROIAlign``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import roi_align as _op
+from ._args import BoxesLike, boxes_to_rois, check_scalars, output_size_pair
+
+__all__ = ["roi_align", "ROIAlign"]
+
+
+def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int], spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """Crop and resample a feature map at each box, with torchvision's signature and defaults.
+
+    Each box is divided into ``output_size`` bins; a bin's value is the average of a regular
+    grid of bilinear samples inside it. Differentiable with respect to ``input`` and ``boxes``.
+
+    Args:
+        input: features ``[N, C, H, W]``, float16, bfloat16, float32 or float64, in any memory
+            layout (contiguous, channels_last or a strided view).
+        boxes: a ``[K, 5]`` tensor of ``(batch index, x1, y1, x2, y2)`` in input-image
+            coordinates, or a list of ``N`` tensors ``[L_i, 4]`` of ``(x1, y1, x2, y2)``, one per
+            image. Any floating dtype; they are cast to float32 (float64 for float64 input).
+        output_size: ``(PH, PW)`` or an int for a square output.
+        spatial_scale: factor from box coordinates to feature-map pixels (e.g. ``1 / 16``).
+        sampling_ratio: samples per bin along each axis; ``<= 0`` picks
+            ``ceil(box size / output size)`` for each box (adaptive).
+        aligned: if True, shift the box by -0.5 pixel (pixel centres at integer + 0.5), as in
+            detectron2; if False, the original Mask R-CNN convention, with boxes at least one
+            pixel wide and high.
+
+    Returns:
+        ``[K, C, PH, PW]``, NCHW-contiguous, of the input's dtype. A box with a NaN or infinite
+        coordinate gives NaN in all its outputs; samples outside the image contribute zero.
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type, shape, value or device.
+        IndexError: for a batch index that is not an integer in ``[0, N)``.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor [N, C, H, W]; got {type(input).__name__}")
+    pooled_height, pooled_width = output_size_pair(output_size)
+    check_scalars(spatial_scale, sampling_ratio, aligned)
+    rois = boxes_to_rois(boxes)
+    if rois.dtype.is_floating_point:
+        rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    return _op.roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio), aligned)
+
+
+class ROIAlign(nn.Module):
+    """RoIAlign with the signature of ``torch_npu.contrib.module.ROIAlign`` and detectron2's ``ROIAlign``.
+
+    Args:
+        output_size: ``(height, width)`` of each output, or an int for a square one.
+        spatial_scale: factor from box coordinates to feature-map pixels.
+        sampling_ratio: samples per bin along each axis; ``0`` (or any value ``<= 0``) picks
+            ``ceil(box size / output size)`` for each box.
+        aligned: if True (the default), shift boxes by -0.5 pixel so that pixel centres sit at
+            integer + 0.5; if False, the original Detectron convention.
+
+    Shape:
+        - input: ``[N, C, H, W]``
+        - rois: ``[K, 5]`` of ``(batch index, x1, y1, x2, y2)``, or a list of ``[L_i, 4]`` tensors
+        - output: ``[K, C, height, width]``
+    """
+
+    def __init__(self, output_size: int | Sequence[int], spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = True) -> None:
+        super().__init__()
+        self.output_size = output_size_pair(output_size)
+        check_scalars(spatial_scale, sampling_ratio, aligned)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")

@@ -1,0 +1,1 @@
+"""Numba kernels for CPU tensors: multi-threaded, bitwise deterministic."""

@@ -1,0 +1,161 @@
+"""What the Numba CPU kernels of every operator share: the thread pool, buffers, layouts.
+
+Threads: the kernels are compiled ``nogil`` and driven by a thread pool of our own, sized by
+``torch.get_num_threads()`` and recreated after ``fork``. Each operator splits its work so that
+each job owns its part of the result and computes it in a fixed order, which makes results
+bitwise identical for any number of threads without atomics or locks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+JIT = dict(nogil=True, cache=True)
+
+
+@numba.njit(**JIT)
+def nchw_to_nhwc(x, b, r0, r1, out):
+    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, 32 channels at a time
+    so that the 32 source rows stay in cache while the destination is written in order."""
+    channels, width = x.shape[1], x.shape[3]
+    for r in range(r0, r1):
+        for c0 in range(0, channels, 32):
+            c1 = min(c0 + 32, channels)
+            for q in range(width):
+                for c in range(c0, c1):
+                    out[b, r, q, c] = x[b, c, r, q]
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads.
+
+
+class _Workers:
+    """A thread pool for ``nogil`` kernels, sized by ``torch.get_num_threads()``, recreated after fork."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        # The parent's threads do not exist in a forked child: never touch their pool there.
+        self._lock = threading.Lock()
+        self._pool, self._size = None, 0
+
+    def size(self) -> int:
+        return max(1, torch.get_num_threads())
+
+    def run(self, fn, jobs) -> None:
+        """Call ``fn(*job)`` for every job on up to ``size()`` threads, the caller's included.
+
+        Threads take the next job as they finish one (boxes differ in cost). The caller works
+        too, so a call always finishes even when the pool is busy with other callers' jobs.
+        """
+        n = self.size()
+        if n == 1 or len(jobs) <= 1:
+            for job in jobs:
+                fn(*job)
+            return
+        with self._lock:
+            if self._pool is None or self._size != n - 1:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="roialign")
+                self._size = n - 1
+            pool = self._pool
+        pending = iter(jobs)
+        take = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with take:
+                    job = next(pending, None)
+                if job is None:
+                    return
+                fn(*job)
+
+        helpers = [pool.submit(drain) for _ in range(min(n, len(jobs)) - 1)]
+        try:
+            drain()
+        finally:
+            for helper in helpers:
+                helper.result()
+
+
+workers = _Workers()
+
+
+def ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    parts = max(1, min(parts, total))
+    edges = np.linspace(0, total, parts + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def box_geometry(rois: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, type]:
+    rois = rois.detach().to(dtype).contiguous()
+    return rois.numpy(), (np.float64 if dtype == torch.float64 else np.float32)
+
+
+def box_jobs(k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Boxes in their own order, in a few more parts than threads (boxes differ in cost)."""
+    return np.arange(k, dtype=np.int64), ranges(k, 4 * workers.size())
+
+
+_HUGE_PAGE = 1 << 21
+_libc = None
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.empty``, with transparent huge pages requested for large buffers on Linux.
+
+    A fresh buffer of tens of MB costs more in 4 KiB page faults than the kernel that fills it;
+    2 MiB pages cut that cost about threefold here. Where madvise is unavailable this is plain
+    ``torch.empty``.
+    """
+    global _libc
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return t
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        end = (t.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
+        if end > start:
+            _libc.madvise(start, end - start, 14)  # MADV_HUGEPAGE; a refusal only costs speed
+    except (OSError, AttributeError):
+        pass
+    return t
+
+
+def channels_last_view(t: Tensor) -> np.ndarray:
+    """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
+
+    Our pool, not PyTorch's OpenMP threads, does the copy: it is faster here, and it is safe in a
+    child forked after the parent used the kernels (GNU OpenMP is not).
+    """
+    t = t.detach()
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).numpy()
+    x = t.contiguous().numpy()
+    n, c, h, w = t.shape
+    out = empty((n, h, w, c), t.dtype).numpy()
+    rows = max(1, (1 << 16) // max(1, w * c))
+    workers.run(nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), out) for b in range(n) for r0 in range(0, h, rows)])
+    return out
+
+

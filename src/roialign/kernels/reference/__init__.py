@@ -1,0 +1,1 @@
+"""Pure-PyTorch kernels: any device PyTorch supports."""

@@ -1,0 +1,33 @@
+"""What the Triton kernels of every operator share: launching under torch.compile, block sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+import triton
+
+_tracing: contextvars.ContextVar[bool] = contextvars.ContextVar("roialign_triton_tracing", default=False)
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[None]:
+    """Launch kernels through ``torch.library.wrap_triton``, so that a graph being traced by
+    torch.compile records them (see ``roialign.ops``); eager calls launch them directly."""
+    token = _tracing.set(True)
+    try:
+        yield
+    finally:
+        _tracing.reset(token)
+
+
+def launcher(kernel):
+    """``kernel`` itself, or its ``wrap_triton`` wrapper inside ``traced()``."""
+    return torch.library.wrap_triton(kernel) if _tracing.get() else kernel
+
+
+def block_c(channels: int, largest: int = 128) -> int:
+    """A power-of-two block of channels for ``channels``, between 16 and ``largest``."""
+    return max(16, min(largest, triton.next_power_of_2(int(channels))))
