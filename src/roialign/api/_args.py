@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 BoxesLike = Tensor | Sequence[Tensor]
+F = TypeVar("F", bound=Callable)
+
+
+def fx_leaf(fn: F) -> F:
+    """Make ``fn`` one node in ``torch.fx.symbolic_trace`` graphs, however it is reached.
+
+    ``torch.fx.wrap`` only patches the name in the defining module's globals, so a call through
+    another binding (``roialign.roi_align``, a patched ``torchvision.ops.roi_align``) would run
+    the body on proxies. Checking for proxies at entry records the call wherever it comes from,
+    which torchvision's feature extraction and FX quantization rely on.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        proxies: list[torch.fx.Proxy] = []
+        torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else None)
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", wrapper, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def output_size_pair(output_size: int | Sequence[int]) -> tuple[int, int]:

@@ -8,11 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import roi_align as _op
-from ._args import BoxesLike, boxes_to_rois, check_scalars, output_size_pair
+from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
 
 __all__ = ["roi_align", "ROIAlign"]
 
 
+@fx_leaf
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int], spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """Crop and resample a feature map at each box, with torchvision's signature and defaults.
