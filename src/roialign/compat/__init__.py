@@ -1,0 +1,1 @@
+"""Drop-in signatures of other libraries' RoIAlign (``roialign.compat.mmcv``), backed by roialign's kernels."""

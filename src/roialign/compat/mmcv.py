@@ -1,0 +1,159 @@
+"""mmcv's RoIAlign signatures (``mmcv.ops.RoIAlign`` and ``mmcv.ops.roi_align``) on roialign's kernels.
+
+For mmdetection and other OpenMMLab code: the argument names, order and defaults are mmcv's
+(``sampling_ratio=0``, ``aligned=True``, then ``pool_mode`` and ``use_torchvision``), and the
+numbers are those of :func:`roialign.roi_align` with the same arguments, whose average mode has
+mmcv's semantics. Differences from mmcv:
+
+- ``pool_mode='max'`` is not implemented yet (``NotImplementedError``).
+- ``use_torchvision`` is accepted and ignored: roialign's kernel is always used (mmcv's two
+  paths give the same numbers for ``avg``).
+- The result is differentiable with respect to ``rois`` as well as ``input`` (mmcv gives no
+  box gradient).
+- ``mmdeploy`` and other code that checks ``isinstance(layer, mmcv.ops.RoIAlign)`` will not
+  recognise :class:`RoIAlign`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+from ..api._args import check_scalars, fx_leaf, output_size_pair
+from ..api.roi_align import roi_align as _roi_align
+
+__all__ = ["RoIAlign", "roi_align"]
+
+
+def _check_pool_mode(pool_mode: object) -> None:
+    """Accept ``'avg'``; NotImplementedError for ``'max'``; ValueError naming ``pool_mode`` otherwise."""
+    if pool_mode == "avg":
+        return
+    if pool_mode == "max":
+        raise NotImplementedError("pool_mode='max' is not implemented in roialign yet; use pool_mode='avg'")
+    raise ValueError(f"pool_mode must be 'avg' (or 'max', not implemented yet); got {pool_mode!r}")
+
+
+def _renamed_keywords(owner: str, **renamed: str) -> Callable[[Callable], Callable]:
+    """Let ``fn`` take each deprecated keyword ``old=`` of ``renamed`` as ``renamed[old]=``.
+
+    A deprecated keyword gives a DeprecationWarning; passing it together with its new name (as a
+    keyword or positionally) is a TypeError. The wrapped function keeps ``fn``'s signature.
+    """
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for old, new in renamed.items():
+                if old not in kwargs:
+                    continue
+                if new in kwargs or new in signature.bind_partial(*args).arguments:
+                    raise TypeError(f"{owner} got both {old!r} (deprecated) and {new!r}; pass only {new!r}")
+                warnings.warn(f"{old!r} is deprecated in {owner}; use {new!r} instead",
+                              DeprecationWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@fx_leaf
+def roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float = 1.0,
+              sampling_ratio: int = 0, pool_mode: str = "avg", aligned: bool = True) -> Tensor:
+    """RoIAlign with ``mmcv.ops.roi_align``'s signature: arguments in mmcv's order and with its defaults.
+
+    Each box is divided into ``output_size`` bins; a bin's value is the average of a regular grid
+    of bilinear samples inside it. Same numbers as ``roialign.roi_align(input, rois, output_size,
+    spatial_scale, sampling_ratio, aligned)``. One node in ``torch.fx.symbolic_trace`` graphs.
+
+    Args:
+        input: features ``[N, C, H, W]``, float16, bfloat16, float32 or float64.
+        rois: ``[K, 5]`` tensor of ``(batch index, x1, y1, x2, y2)`` in input-image coordinates.
+            (A list of ``N`` per-image ``[L_i, 4]`` tensors is also accepted, as in
+            :func:`roialign.roi_align`.)
+        output_size: ``(PH, PW)`` of each output, or an int for a square one.
+        spatial_scale: factor from box coordinates to feature-map pixels (e.g. ``1 / 16``).
+        sampling_ratio: samples per bin along each axis; ``0`` (or any value ``<= 0``) picks
+            ``ceil(box size / output size)`` for each box, as in mmcv.
+        pool_mode: ``'avg'``. mmcv's ``'max'`` is not implemented yet.
+        aligned: if True (the default), shift boxes by -0.5 pixel so that pixel centres sit at
+            integer + 0.5; if False, the original Mask R-CNN convention, with boxes at least one
+            pixel wide and high.
+
+    Returns:
+        ``[K, C, PH, PW]`` of the input's dtype. Unlike mmcv, differentiable with respect to
+        ``rois`` as well as ``input``.
+
+    Raises:
+        NotImplementedError: for ``pool_mode='max'``.
+        ValueError: for any other ``pool_mode`` than ``'avg'``; and, with TypeError and
+            IndexError, for the bad arguments :func:`roialign.roi_align` rejects.
+    """
+    _check_pool_mode(pool_mode)
+    return _roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+class RoIAlign(nn.Module):
+    """RoIAlign with ``mmcv.ops.RoIAlign``'s signature, for mmdetection's RoI extractors.
+
+    mmdetection builds the layer as ``RoIAlign(spatial_scale=1 / stride, **cfg)`` with ``cfg`` such as
+    ``dict(output_size=7, sampling_ratio=0)``, and reads ``.output_size`` as a pair.
+
+    Args:
+        output_size: ``(height, width)`` of each output, or an int for a square one; stored as a
+            pair of ints in ``.output_size``. mmcv's deprecated keyword ``out_size`` is accepted
+            with a DeprecationWarning.
+        spatial_scale: factor from box coordinates to feature-map pixels (e.g. ``1 / 16``).
+        sampling_ratio: samples per bin along each axis; ``0`` (or any value ``<= 0``) picks
+            ``ceil(box size / output size)`` for each box. mmcv's deprecated keyword
+            ``sample_num`` is accepted with a DeprecationWarning.
+        pool_mode: ``'avg'``. mmcv's ``'max'`` is not implemented yet (NotImplementedError).
+        aligned: if True (the default), shift boxes by -0.5 pixel so that pixel centres sit at
+            integer + 0.5; if False, the original Mask R-CNN convention.
+        use_torchvision: accepted for compatibility and ignored: roialign's kernel is always
+            used, and gives the numbers mmcv gives on either of its paths.
+
+    Shape:
+        - input: ``[N, C, H, W]``
+        - rois: ``[K, 5]`` of ``(batch index, x1, y1, x2, y2)``
+        - output: ``[K, C, height, width]``, differentiable with respect to ``input`` and (unlike
+          mmcv) ``rois``.
+
+    Raises:
+        TypeError: for a deprecated keyword passed together with its new name, and for arguments
+            of the wrong type.
+        NotImplementedError: for ``pool_mode='max'``.
+        ValueError: for any other ``pool_mode`` than ``'avg'``, and out-of-range values.
+    """
+
+    @_renamed_keywords("RoIAlign", out_size="output_size", sample_num="sampling_ratio")
+    def __init__(self, output_size: int | Sequence[int], spatial_scale: float = 1.0, sampling_ratio: int = 0,
+                 pool_mode: str = "avg", aligned: bool = True, use_torchvision: bool = False) -> None:
+        super().__init__()
+        self.output_size = output_size_pair(output_size)
+        check_scalars(spatial_scale, sampling_ratio, aligned)
+        _check_pool_mode(pool_mode)
+        if not isinstance(use_torchvision, bool):
+            raise TypeError(f"use_torchvision must be a bool; got {use_torchvision!r}")
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.pool_mode = pool_mode
+        self.aligned = aligned
+        self.use_torchvision = use_torchvision
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
+        """Pool ``input`` ``[N, C, H, W]`` at ``rois`` ``[K, 5]``; returns ``[K, C, *output_size]``."""
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+                         self.pool_mode, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, pool_mode={self.pool_mode}, "
+                f"aligned={self.aligned}, use_torchvision={self.use_torchvision}")
