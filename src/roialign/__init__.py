@@ -8,10 +8,26 @@ pure PyTorch (any device), Numba (CPU) or Triton (CUDA).
 from . import ops  # noqa: F401  (registers torch.ops.roialign.*)
 from ._backend import available_backends, current_backend, use_backend
 from .api.roi_align import ROIAlign, roi_align
+from .integrations.torchvision import patch_torchvision, unpatch_torchvision
 
 __version__ = "0.1.0"
 
-__all__ = ["ROIAlign", "roi_align", "use_backend", "available_backends", "current_backend", "warmup", "__version__"]
+__all__ = ["ROIAlign", "roi_align", "MultiScaleRoIAlign", "assign_levels", "patch_torchvision", "unpatch_torchvision",
+           "use_backend", "available_backends", "current_backend", "warmup", "__version__"]
+
+# The pooler subclasses torchvision's when torchvision is importable: it is imported on first use,
+# so that ``import roialign`` does not import torchvision.
+_LAZY = {"MultiScaleRoIAlign": ".api.poolers", "assign_levels": ".api.poolers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'roialign' has no attribute {name!r}")
 
 
 def warmup() -> None:

@@ -15,6 +15,23 @@ BoxesLike = Tensor | Sequence[Tensor]
 F = TypeVar("F", bound=Callable)
 
 
+def _first_proxy(value: object) -> torch.fx.Proxy | None:
+    """The first ``torch.fx.Proxy`` in nested tuples, lists and dicts, or None."""
+    if isinstance(value, torch.fx.Proxy):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = value
+    elif isinstance(value, dict):
+        items = value.values()
+    else:
+        return None
+    for item in items:
+        found = _first_proxy(item)
+        if found is not None:
+            return found
+    return None
+
+
 def fx_leaf(fn: F) -> F:
     """Make ``fn`` one node in ``torch.fx.symbolic_trace`` graphs, however it is reached.
 
@@ -25,10 +42,10 @@ def fx_leaf(fn: F) -> F:
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        proxies: list[torch.fx.Proxy] = []
-        torch.fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, torch.fx.Proxy) else None)
-        if proxies:
-            return proxies[0].tracer.create_proxy("call_function", wrapper, args, kwargs)
+        if not torch.compiler.is_compiling():  # torch.compile traces the body; FX must not
+            proxy = _first_proxy((args, kwargs))
+            if proxy is not None:
+                return proxy.tracer.create_proxy("call_function", wrapper, args, kwargs)
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

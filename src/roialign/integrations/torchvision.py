@@ -1,0 +1,170 @@
+"""Make torchvision's detection models and ops run on roialign: ``patch_torchvision()``.
+
+torchvision binds ``roi_align`` by name when its modules are imported: the FPN pooler
+(``torchvision.ops.poolers``), the mask-target code of the ROI heads
+(``torchvision.models.detection.roi_heads``), ``torchvision.ops.roi_align`` and the module
+``torchvision.ops.roi_align`` behind ``RoIAlign``. Each binding is replaced; both the pooler and
+the mask targets look the name up at call time, so existing models switch too.
+
+The replacement keeps torchvision's signature and defaults (``aligned=False``) and hands inputs
+roialign does not handle (quantized tensors) to torchvision's own op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from ..api._args import BoxesLike, fx_leaf
+from ..api.roi_align import roi_align as _roi_align
+
+__all__ = ["patch_torchvision", "unpatch_torchvision", "torchvision_multiscale_base"]
+
+# (module, attribute) pairs that hold torchvision's roi_align function or RoIAlign class.
+_FUNCTION_SITES = (
+    ("torchvision.ops", "roi_align"),
+    ("torchvision.ops.roi_align", "roi_align"),
+    ("torchvision.ops.poolers", "roi_align"),
+    ("torchvision.models.detection.roi_heads", "roi_align"),
+)
+_CLASS_SITES = (("torchvision.ops", "RoIAlign"), ("torchvision.ops.roi_align", "RoIAlign"))
+
+_lock = threading.RLock()
+_originals: dict[tuple[str, str], object] = {}  # torchvision's own objects, recorded at the first patch
+_replacements: dict[tuple[str, str], object] = {}
+
+
+def torchvision_multiscale_base() -> type[nn.Module]:
+    """``torchvision.ops.MultiScaleRoIAlign`` when torchvision can be imported, else ``nn.Module``."""
+    try:
+        from torchvision.ops import MultiScaleRoIAlign
+    except Exception:  # not installed, or built for another torch (its import then raises RuntimeError)
+        return nn.Module
+    return MultiScaleRoIAlign
+
+
+def _import_torchvision():
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError("patch_torchvision() needs torchvision (pip install torchvision)") from error
+    except Exception as error:
+        raise RuntimeError(f"torchvision cannot be imported beside this torch: {error}") from error
+    return torchvision
+
+
+def _modules() -> dict[str, object]:
+    """The modules holding the bindings, with a clear error when this torchvision lacks one."""
+    torchvision = _import_torchvision()
+    found = {}
+    for name, attr in _FUNCTION_SITES + _CLASS_SITES:
+        try:
+            module = importlib.import_module(name)
+        except Exception as error:
+            raise RuntimeError(f"patch_torchvision() does not support torchvision {torchvision.__version__}: "
+                               f"{name} cannot be imported ({error})") from error
+        if not hasattr(module, attr):
+            raise RuntimeError(f"patch_torchvision() does not support torchvision {torchvision.__version__}: "
+                               f"{name} has no {attr!r}")
+        found[name] = module
+    return found
+
+
+def _make_replacements(original_function, original_class) -> None:
+    @fx_leaf
+    def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int], spatial_scale: float = 1.0,
+                  sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+        if isinstance(input, Tensor) and input.is_quantized:
+            return original_function(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+
+    roi_align.__doc__ = ("torchvision's ``roi_align`` (same signature and defaults), computed by roialign; "
+                         "quantized inputs go to torchvision's op.\n\n" + (_roi_align.__doc__ or ""))
+    roi_align.__module__ = __name__
+
+    class RoIAlign(original_class):
+        """torchvision's ``RoIAlign`` (same signature and defaults, ``aligned=False``), computed by roialign.
+
+        Instances keep using roialign after ``unpatch_torchvision()``.
+        """
+
+        def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
+            return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    RoIAlign.__module__ = __name__
+    for site in _FUNCTION_SITES:
+        _replacements[site] = roi_align
+    for site in _CLASS_SITES:
+        _replacements[site] = RoIAlign
+
+
+def _state(modules) -> dict[tuple[str, str], object]:
+    return {(name, attr): getattr(modules[name], attr) for name, attr in _FUNCTION_SITES + _CLASS_SITES}
+
+
+def _apply(modules, state) -> None:
+    for (name, attr), value in state.items():
+        setattr(modules[name], attr, value)
+
+
+class _Patch:
+    """Returned by :func:`patch_torchvision`; leaving its ``with`` block restores the state at entry."""
+
+    def __init__(self, modules, previous) -> None:
+        self._modules, self._previous = modules, previous
+
+    def __enter__(self) -> _Patch:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with _lock:
+            _apply(self._modules, self._previous)
+
+    def __repr__(self) -> str:
+        return "<roialign.patch_torchvision: torchvision's roi_align and RoIAlign run on roialign>"
+
+
+def patch_torchvision() -> _Patch:
+    """Make torchvision's ``roi_align``, ``RoIAlign`` and detection models use roialign.
+
+    Works as a plain call (undone by :func:`unpatch_torchvision`) and as a context manager
+    (``with roialign.patch_torchvision(): ...``), whose exit restores the bindings as they were
+    at entry, so nested blocks work. Patching twice is harmless.
+
+    After unpatching, models built while patched use torchvision's op again: the detectors and
+    ``MultiScaleRoIAlign`` look ``roi_align`` up at call time. ``RoIAlign`` modules created while
+    patched are roialign's subclass and keep using roialign.
+
+    Raises:
+        ImportError: torchvision is not installed.
+        RuntimeError: torchvision cannot be imported beside this torch, or it is a version
+            without the names that are patched (the message names the version).
+    """
+    with _lock:
+        modules = _modules()
+        previous = _state(modules)
+        if not _originals:
+            _originals.update(previous)
+            _make_replacements(previous[("torchvision.ops.roi_align", "roi_align")],
+                               previous[("torchvision.ops.roi_align", "RoIAlign")])
+        _apply(modules, _replacements)
+        return _Patch(modules, previous)
+
+
+def unpatch_torchvision() -> None:
+    """Restore torchvision's own ``roi_align`` and ``RoIAlign`` everywhere (a no-op if never patched)."""
+    with _lock:
+        if _originals:
+            _apply(_modules(), _originals)
+
+
+def is_patched() -> bool:
+    """True while torchvision's detection pooler calls roialign."""
+    with _lock:
+        if not _replacements:
+            return False
+        module = importlib.import_module("torchvision.ops.poolers")
+        return module.roi_align is _replacements[("torchvision.ops.poolers", "roi_align")]
