@@ -32,6 +32,17 @@ def _first_proxy(value: object) -> torch.fx.Proxy | None:
     return None
 
 
+def fx_call(fn: Callable, args: tuple, kwargs: dict) -> torch.fx.Proxy | None:
+    """Under ``torch.fx.symbolic_trace``, record ``fn(*args, **kwargs)`` as one node and return
+    its proxy; otherwise (no proxy among the arguments, or under torch.compile) None."""
+    if torch.compiler.is_compiling():  # torch.compile traces the body; FX must not
+        return None
+    proxy = _first_proxy((args, kwargs))
+    if proxy is None:
+        return None
+    return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+
 def fx_leaf(fn: F) -> F:
     """Make ``fn`` one node in ``torch.fx.symbolic_trace`` graphs, however it is reached.
 
@@ -42,11 +53,8 @@ def fx_leaf(fn: F) -> F:
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if not torch.compiler.is_compiling():  # torch.compile traces the body; FX must not
-            proxy = _first_proxy((args, kwargs))
-            if proxy is not None:
-                return proxy.tracer.create_proxy("call_function", wrapper, args, kwargs)
-        return fn(*args, **kwargs)
+        recorded = fx_call(wrapper, args, kwargs)
+        return fn(*args, **kwargs) if recorded is None else recorded
 
     return wrapper  # type: ignore[return-value]
 

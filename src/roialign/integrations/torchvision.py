@@ -10,15 +10,15 @@ The replacement keeps torchvision's signature and defaults (``aligned=False``) a
 roialign does not handle (quantized tensors) to torchvision's own op.
 """
 
-from __future__ import annotations
-
 import importlib
 import threading
-from collections.abc import Sequence
+from typing import List, Union
 
+import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
-from ..api._args import BoxesLike, fx_leaf
+from ..api._args import fx_call
 from ..api.roi_align import roi_align as _roi_align
 
 __all__ = ["patch_torchvision", "unpatch_torchvision", "torchvision_multiscale_base"]
@@ -73,25 +73,49 @@ def _modules() -> dict[str, object]:
     return found
 
 
-def _make_replacements(original_function, original_class) -> None:
-    @fx_leaf
-    def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int], spatial_scale: float = 1.0,
-                  sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-        if isinstance(input, Tensor) and input.is_quantized:
-            return original_function(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+def _rois_for_torchscript(boxes: Union[Tensor, List[Tensor]]) -> Tensor:
+    if isinstance(boxes, Tensor):
+        return boxes
+    return torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), 1) for i, b in enumerate(boxes)], 0)
 
-    roi_align.__doc__ = ("torchvision's ``roi_align`` (same signature and defaults), computed by roialign; "
-                         "quantized inputs go to torchvision's op.\n\n" + (_roi_align.__doc__ or ""))
-    roi_align.__module__ = __name__
 
+# TorchScript compiles this function when a patched model is scripted: inside TorchScript it
+# calls torchvision's own kernel (same numbers, and the scripted model can be saved and run
+# where torchvision's ops are), since roialign's op is Python. The annotations are for it.
+def roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: BroadcastingList2[int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """torchvision's ``roi_align`` (same signature and defaults), computed by roialign.
+
+    Quantized inputs, which roialign does not handle, and TorchScript go to torchvision's own
+    op. See :func:`roialign.roi_align` for the arguments.
+    """
+    if torch.jit.is_scripting():
+        return torch.ops.torchvision.roi_align(input, _rois_for_torchscript(boxes), spatial_scale, output_size[0],
+                                               output_size[1], sampling_ratio, aligned)
+    else:
+        return _eager_roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+@torch.jit.unused
+def _eager_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_size: List[int], spatial_scale: float,
+                     sampling_ratio: int, aligned: bool) -> Tensor:
+    args = (input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    recorded = fx_call(roi_align, args, {})
+    if recorded is not None:
+        return recorded
+    if isinstance(input, Tensor) and input.is_quantized:
+        return _originals[("torchvision.ops.roi_align", "roi_align")](*args)
+    return _roi_align(*args)
+
+
+def _make_replacements(original_class) -> None:
     class RoIAlign(original_class):
         """torchvision's ``RoIAlign`` (same signature and defaults, ``aligned=False``), computed by roialign.
 
         Instances keep using roialign after ``unpatch_torchvision()``.
         """
 
-        def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:
+        def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
             return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
     RoIAlign.__module__ = __name__
@@ -116,7 +140,7 @@ class _Patch:
     def __init__(self, modules, previous) -> None:
         self._modules, self._previous = modules, previous
 
-    def __enter__(self) -> _Patch:
+    def __enter__(self) -> "_Patch":
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -148,8 +172,7 @@ def patch_torchvision() -> _Patch:
         previous = _state(modules)
         if not _originals:
             _originals.update(previous)
-            _make_replacements(previous[("torchvision.ops.roi_align", "roi_align")],
-                               previous[("torchvision.ops.roi_align", "RoIAlign")])
+            _make_replacements(previous[("torchvision.ops.roi_align", "RoIAlign")])
         _apply(modules, _replacements)
         return _Patch(modules, previous)
 
