@@ -8,12 +8,13 @@ pure PyTorch (any device), Numba (CPU) or Triton (CUDA).
 from . import ops  # noqa: F401  (registers torch.ops.roialign.*)
 from ._backend import available_backends, current_backend, use_backend
 from .api.roi_align import ROIAlign, roi_align
+from .integrations.onnx import onnx_translation_table
 from .integrations.torchvision import patch_torchvision, unpatch_torchvision
 
 __version__ = "0.1.0"
 
 __all__ = ["ROIAlign", "roi_align", "MultiScaleRoIAlign", "assign_levels", "patch_torchvision", "unpatch_torchvision",
-           "use_backend", "available_backends", "current_backend", "warmup", "__version__"]
+           "onnx_translation_table", "use_backend", "available_backends", "current_backend", "warmup", "__version__"]
 
 # The pooler subclasses torchvision's when torchvision is importable: it is imported on first use,
 # so that ``import roialign`` does not import torchvision.

@@ -50,6 +50,11 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
     rois = boxes_to_rois(boxes)
     if rois.dtype.is_floating_point:
         rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    if torch.onnx.is_in_onnx_export():  # a standard ONNX RoiAlign node, with either exporter
+        from ..integrations import onnx as _onnx
+
+        return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
+                                      int(sampling_ratio), aligned)
     return _op.roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio), aligned)
 
 

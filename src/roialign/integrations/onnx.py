@@ -1,0 +1,203 @@
+"""ONNX export: ``roi_align`` becomes one standard ONNX ``RoiAlign`` node, with either exporter.
+
+* ``torch.onnx.export(..., dynamo=True)`` (the default): ``roialign.roi_align`` (and so
+  ``ROIAlign``) sees ``torch.onnx.is_in_onnx_export()`` and records the node itself with
+  ``torch.onnx.ops.symbolic``; torch.export keeps a custom op opaque, so the switch has to be in
+  the Python functional. A model that calls ``torch.ops.roialign.roi_align`` directly needs
+  ``custom_translation_table=onnx_translation_table()``.
+* ``torch.onnx.export(..., dynamo=False)`` (TorchScript): the trace keeps the op
+  ``roialign::roi_align`` and a symbolic registered for it emits the node. The functional
+  registers it on its first call under export; call :func:`register_legacy_symbolic` yourself
+  for a model that calls ``torch.ops.roialign.roi_align`` directly.
+
+The node: ``RoiAlign(X, rois[:, 1:5], int64(rois[:, 0]))`` with ``mode="avg"``,
+``output_height``/``output_width``, ``spatial_scale``, ``sampling_ratio`` (``<= 0``, adaptive,
+becomes 0) and ``coordinate_transformation_mode`` ``"half_pixel"`` (``aligned=True``) or
+``"output_half_pixel"`` (``aligned=False``, the Mask R-CNN convention).
+
+Opsets: the attribute ``coordinate_transformation_mode`` arrived with RoiAlign-16; RoiAlign-10
+always behaves as ``"output_half_pixel"``. So with an opset in 10..15 ``aligned=False`` exports
+RoiAlign-10 and ``aligned=True`` raises (RoiAlign-10 cannot express it). The TorchScript exporter
+knows the opset when it runs the symbolic, so it applies this rule. The dynamo exporter does not
+tell a traced function its opset: it builds the graph at opset ``max(18, opset_version)`` and
+down-converts afterwards; ONNX's converter has no RoiAlign 16 -> 15 adapter, so for
+``opset_version < 16`` torch logs a warning and keeps opset 18 (the model stays correct).
+
+Half precision: roialign computes float16 and bfloat16 in float32 (boxes included) and rounds
+once. RoiAlign requires the boxes in the input's type (float16 boxes would move corners) and
+accepts bfloat16 only from RoiAlign-22, past the TorchScript exporter's last opset (20). Both
+exporters therefore emit ``Cast(float32) -> RoiAlign -> Cast(back)`` for float16 and bfloat16
+inputs, which computes what the eager kernels compute, at any opset >= 16 (>= 13 for bfloat16
+with ``aligned=False``, whose Cast needs it).
+
+Nothing here imports onnx or onnxscript at module level: ``import roialign`` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["onnx_translation_table", "register_legacy_symbolic", "roi_align_attributes"]
+
+_OP_NAME = "roialign::roi_align"
+# First opset with RoiAlign; first with coordinate_transformation_mode; first Cast to or from bfloat16.
+ROI_ALIGN_OPSET = 10
+HALF_PIXEL_OPSET = 16
+BFLOAT16_CAST_OPSET = 13
+
+# ONNX TensorProto data types.
+_FLOAT, _FLOAT16, _DOUBLE, _BFLOAT16, _INT64 = 1, 10, 11, 16, 7
+_LEGACY_TYPES = {"Float": _FLOAT, "Half": _FLOAT16, "Double": _DOUBLE, "BFloat16": _BFLOAT16}
+
+
+def roi_align_attributes(spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int,
+                         aligned: bool, opset: int | None = None) -> dict[str, Any]:
+    """The ONNX ``RoiAlign`` attributes for roialign's arguments at ``opset`` (None: 16 or later).
+
+    Raises ``torch.onnx.errors.OnnxExporterError`` where the opset cannot express the op.
+    """
+    attrs: dict[str, Any] = {
+        "mode": "avg",
+        "output_height": int(pooled_height),
+        "output_width": int(pooled_width),
+        "sampling_ratio": max(int(sampling_ratio), 0),
+        "spatial_scale": float(spatial_scale),
+    }
+    if opset is not None and opset < ROI_ALIGN_OPSET:
+        _fail(f"RoiAlign needs ONNX opset >= {ROI_ALIGN_OPSET}; got opset_version={opset}")
+    if opset is None or opset >= HALF_PIXEL_OPSET:
+        attrs["coordinate_transformation_mode"] = "half_pixel" if aligned else "output_half_pixel"
+    elif aligned:
+        _fail(f"roi_align(aligned=True) needs ONNX opset >= {HALF_PIXEL_OPSET} (RoiAlign-16's "
+              f"coordinate_transformation_mode='half_pixel'); RoiAlign-{ROI_ALIGN_OPSET} in opset_version={opset} "
+              f"only has the aligned=False convention. Export with opset_version >= {HALF_PIXEL_OPSET}.")
+    return attrs
+
+
+def _fail(message: str):
+    from torch.onnx.errors import OnnxExporterError
+
+    raise OnnxExporterError(message)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """roialign's arithmetic type: float64 stays float64, every other floating type is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- Called by roialign.roi_align while torch.onnx.export runs ---------------------------------
+
+
+def export_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                     sampling_ratio: int, aligned: bool) -> Tensor:
+    """What ``roi_align`` does under ``torch.onnx.export``, for the exporter that is running."""
+    from ..ops import roi_align as op
+
+    if torch.jit.is_tracing():
+        # TorchScript exporter: trace the op as usual; the registered symbolic emits RoiAlign.
+        register_legacy_symbolic()
+        return op.roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+    # The dynamo exporter (torch.export, then translation): record the ONNX node directly.
+    op._check_tensors(input, rois, pooled_height, pooled_width)
+    compute = _compute_dtype(input.dtype)
+    x = input.to(compute)
+    out = torch.onnx.ops.symbolic(
+        "RoiAlign",
+        (x, rois[:, 1:5].to(compute), rois[:, 0].to(torch.int64)),
+        roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned),
+        dtype=compute,
+        shape=(rois.shape[0], input.shape[1], pooled_height, pooled_width),
+    )
+    return out.to(input.dtype)
+
+
+# --- TorchScript exporter (dynamo=False) --------------------------------------------------------
+
+_legacy_registered = False
+
+
+def register_legacy_symbolic() -> None:
+    """Teach ``torch.onnx.export(..., dynamo=False)`` to export ``torch.ops.roialign.roi_align``.
+
+    Idempotent. ``roialign.roi_align`` calls it by itself during export; call it once before
+    exporting a model that calls ``torch.ops.roialign.roi_align`` directly.
+    """
+    global _legacy_registered
+    if _legacy_registered:
+        return
+    from torch.onnx import register_custom_op_symbolic
+
+    # Registered from opset 7, the oldest the exporter knows, so that opsets without RoiAlign
+    # get our error message rather than "unrecognized namespace".
+    register_custom_op_symbolic(_OP_NAME, _legacy_symbolic, 7)
+    _legacy_registered = True
+
+
+def _legacy_symbolic(g, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    from torch.onnx.symbolic_helper import _maybe_get_const
+
+    opset = g.opset
+    spatial_scale = float(_maybe_get_const(spatial_scale, "f"))
+    pooled_height, pooled_width, sampling_ratio = (
+        int(_maybe_get_const(v, "i")) for v in (pooled_height, pooled_width, sampling_ratio))
+    aligned = bool(_maybe_get_const(aligned, "b"))
+    attrs = roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, opset)
+
+    in_type = _LEGACY_TYPES.get(_scalar_type(input))
+    compute = _DOUBLE if in_type == _DOUBLE else _FLOAT
+    if in_type == _BFLOAT16 and opset < BFLOAT16_CAST_OPSET:
+        _fail(f"roi_align on bfloat16 input needs ONNX opset >= {BFLOAT16_CAST_OPSET} (Cast from bfloat16); "
+              f"got opset_version={opset}")
+    x = input if in_type == compute else g.op("Cast", input, to_i=compute)
+    if _LEGACY_TYPES.get(_scalar_type(rois)) != compute:
+        rois = g.op("Cast", rois, to_i=compute)
+    boxes = g.op("Gather", rois, g.op("Constant", value_t=torch.tensor([1, 2, 3, 4])), axis_i=1)
+    batch = g.op("Cast", g.op("Gather", rois, g.op("Constant", value_t=torch.tensor(0)), axis_i=1), to_i=_INT64)
+    out = g.op("RoiAlign", x, boxes, batch, **{_legacy_key(k, v): v for k, v in attrs.items()})
+    return out if in_type in (None, compute) else g.op("Cast", out, to_i=in_type)
+
+
+def _scalar_type(value) -> str | None:
+    try:
+        return value.type().scalarType()
+    except RuntimeError:  # not a complete tensor type
+        return None
+
+
+def _legacy_key(name: str, value: Any) -> str:
+    """``g.op`` takes attributes as ``name_<kind>``."""
+    return name + {int: "_i", float: "_f", str: "_s"}[type(value)]
+
+
+# --- Dynamo exporter, direct calls of the op (dynamo=True) ---------------------------------------
+
+
+def onnx_translation_table() -> dict[Callable, Callable]:
+    """``{torch.ops.roialign.roi_align.default: <ONNX Script translation>}`` for the dynamo exporter.
+
+    Only needed for a model that calls ``torch.ops.roialign.roi_align`` directly (the functional
+    and ``ROIAlign`` export without it)::
+
+        torch.onnx.export(model, args, dynamo=True, custom_translation_table=roialign.onnx_translation_table())
+    """
+    return {torch.ops.roialign.roi_align.default: _roi_align_onnxscript}
+
+
+def _roi_align_onnxscript(input, rois, spatial_scale: float, pooled_height: int, pooled_width: int,
+                          sampling_ratio: int, aligned: bool):
+    """ONNX Script translation of ``torch.ops.roialign.roi_align`` (traced by the exporter, at opset >= 18)."""
+    from onnxscript import opset18 as op
+
+    in_type = int(input.dtype) if input.dtype is not None else None
+    compute = _DOUBLE if in_type == _DOUBLE else _FLOAT
+    x = input if in_type == compute else op.Cast(input, to=compute)
+    rois = rois if rois.dtype is not None and int(rois.dtype) == compute else op.Cast(rois, to=compute)
+    boxes = op.Gather(rois, op.Constant(value_ints=[1, 2, 3, 4]), axis=1)
+    batch = op.Cast(op.Gather(rois, op.Constant(value_int=0), axis=1), to=_INT64)
+    out = op.RoiAlign(x, boxes, batch,
+                      **roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned))
+    return out if in_type in (None, compute) else op.Cast(out, to=in_type)
