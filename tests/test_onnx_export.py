@@ -267,3 +267,33 @@ def test_patched_torchvision_detector():
     # Beyond RoIAlign, onnxruntime's and PyTorch's convolutions round differently.
     torch.testing.assert_close(boxes, want["boxes"], atol=0.5, rtol=0)
     torch.testing.assert_close(scores, want["scores"], atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_multiscale_pooler_exports_one_roialign_per_level(dynamo):
+    from collections import OrderedDict
+
+    names = ["p2", "p3", "p4", "p5"]
+    shapes = [(128, 160)]
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = roialign.MultiScaleRoIAlign(names, (4, 3), 2)
+
+        def forward(self, p2, p3, p4, p5, boxes):
+            return self.pool(OrderedDict(zip(names, (p2, p3, p4, p5))), [boxes], shapes)
+
+    def inputs(count, seed):
+        gen = torch.Generator().manual_seed(seed)
+        features = [torch.randn(1, 3, 128 // s, 160 // s, generator=gen) for s in (4, 8, 16, 32)]
+        side = torch.exp(torch.rand(count, 2, generator=gen) * 5.5)  # 1 to 245 pixels: every level
+        start = torch.rand(count, 2, generator=gen) * torch.tensor([140.0, 110.0])
+        return (*features, torch.cat((start, start + side), 1))
+
+    head = Head()
+    model = export(head, inputs(20, 0), dynamo, ["p2", "p3", "p4", "p5", "boxes"], {"boxes": {0: "boxes"}})
+    roialign_nodes(model, count=4)
+    for count, seed in ((20, 1), (37, 2), (3, 3)):
+        args = inputs(count, seed)
+        torch.testing.assert_close(run(model, *args)[0], head(*args), atol=1e-5, rtol=0)

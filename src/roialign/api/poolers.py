@@ -127,8 +127,21 @@ def multiscale_roi_align(x: Mapping[str, Tensor], boxes: Sequence[Tensor], image
     min_level, max_level = -round(math.log2(scales[0])), -round(math.log2(scales[-1]))
     levels = assign_levels(rois, min_level, max_level, convention=convention, canonical_scale=canonical_scale,
                            canonical_level=canonical_level, finest_scale=finest_scale)
+    if torch.onnx.is_in_onnx_export():  # one RoiAlign node per level, merged by scatter
+        return _pooled_level_by_level(features, rois, levels, scales, output_size, sampling_ratio, aligned)
     return _op.multiscale_roi_align(features, rois, levels, scales, output_size[0], output_size[1], sampling_ratio,
                                     aligned)
+
+
+def _pooled_level_by_level(features, rois, levels, scales, output_size, sampling_ratio, aligned) -> Tensor:
+    """The multiscale op's result from one ``roi_align`` per level: what ONNX export records."""
+    first = features[0]
+    result = first.new_zeros((rois.shape[0], first.shape[1]) + tuple(output_size))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        index = torch.nonzero(levels == level).squeeze(1)
+        pooled = roi_align(feature, rois[index], output_size, scale, sampling_ratio, aligned)
+        result = result.index_put((index,), pooled.to(result.dtype))
+    return result
 
 
 class MultiScaleRoIAlign(torchvision_multiscale_base()):
