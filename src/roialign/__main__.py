@@ -1,4 +1,5 @@
-"""``python -m roialign demo``: the seed's example; ``python -m roialign bench``: a short CPU benchmark."""
+"""``python -m roialign demo``: the seed's example; ``python -m roialign bench``: a short CPU benchmark
+(``--models``: of torchvision's detectors with and without roialign instead of the op alone)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="run the seed's example, forward and backward")
     bench = sub.add_parser("bench", help="a short CPU benchmark against the available peers")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    bench.add_argument("--models", nargs="?", const="maskrcnn,mobilenet", default=None, metavar="LIST",
+                       help="instead of the op: torchvision's Mask R-CNN and Faster R-CNN MobileNetV3 (or the "
+                            "comma-separated LIST of maskrcnn, mobilenet), eval and train step, patched and "
+                            "unpatched, 2 pairs (benchmarks/bench_models.py for the full version)")
     args = parser.parse_args(argv)
+    threads = ["--threads", str(args.threads)] if getattr(args, "threads", None) else []
     if args.command == "demo":
         demo()
+    elif args.models:
+        from . import _bench_models
+        _bench_models.main(["--quick", "--models", args.models] + threads)
     else:
         from . import _bench
-        _bench.main(["--quick"] + (["--threads", str(args.threads)] if args.threads else []))
+        _bench.main(["--quick"] + threads)
     return 0
 
 
