@@ -24,15 +24,19 @@ JIT = dict(nogil=True, cache=True)
 
 @numba.njit(**JIT)
 def nchw_to_nhwc(x, b, r0, r1, out):
-    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, 32 channels at a time
-    so that the 32 source rows stay in cache while the destination is written in order."""
+    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, in tiles of 16 columns
+    by 64 channels: the tile's 64 source runs stay in cache (and in the TLB) while the
+    destination is written 64 channels at a time. About 25% faster here than 32 channels
+    across a whole row."""
     channels, width = x.shape[1], x.shape[3]
     for r in range(r0, r1):
-        for c0 in range(0, channels, 32):
-            c1 = min(c0 + 32, channels)
-            for q in range(width):
-                for c in range(c0, c1):
-                    out[b, r, q, c] = x[b, c, r, q]
+        for q0 in range(0, width, 16):
+            q1 = min(q0 + 16, width)
+            for c0 in range(0, channels, 64):
+                c1 = min(c0 + 64, channels)
+                for q in range(q0, q1):
+                    for c in range(c0, c1):
+                        out[b, r, q, c] = x[b, c, r, q]
 
 
 # ----------------------------------------------------------------------------------------------
