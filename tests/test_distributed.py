@@ -81,23 +81,12 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
     import torch
     import torch.distributed as dist
     import torchvision
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from op_counter import CountOps  # this file runs as a script from tests/
 
     import roialign
 
     torch.set_num_threads(1)
     original_roi_align = torchvision.ops.poolers.roi_align
-
-    class CountRoIAlign(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            if name.startswith("roialign.") or "roi_align" in name:
-                self.calls[name] = self.calls.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=120))
@@ -118,7 +107,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
             optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
             torch.manual_seed(SEED + 1 + rank)  # each rank's own sampling in the RPN and the ROI heads
             data = torch.Generator().manual_seed(SEED + 100 + rank)  # and its own images
-            counter = CountRoIAlign()
+            counter = CountOps()
             for _ in range(STEPS):
                 images, targets = _make_batch(data)
                 with counter:

@@ -8,11 +8,11 @@ import textwrap
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import detection
 from torchvision.ops import poolers
 
 import roialign
+from op_counter import CountOps
 
 ORIGINAL_ROI_ALIGN = torchvision.ops.roi_align
 ORIGINAL_ROIALIGN_CLASS = torchvision.ops.RoIAlign
@@ -25,23 +25,6 @@ def unpatched():
     yield
     roialign.unpatch_torchvision()
     assert poolers.roi_align is ORIGINAL_ROI_ALIGN
-
-
-class CountOps(TorchDispatchMode):
-    """Counts calls of roialign's and torchvision's RoIAlign operators (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if "roi_align" in name:
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-    def count(self, namespace):
-        return sum(n for name, n in self.calls.items() if name.startswith(namespace + "."))
 
 
 MODELS = {
