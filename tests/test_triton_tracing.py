@@ -80,6 +80,12 @@ def child_output() -> dict[str, list[int]]:
 @pytest.mark.parametrize("name", ["forward", "backward_input", "backward_rois"])
 def test_traced_graph_holds_the_triton_kernel_not_the_op(child_output, name, dynamic):
     kernels, opaque, checks = child_output[f"{name} {dynamic}"]
+    if not common.tracing_into_triton_supported():
+        # An older torch (no wrap_triton, no torch.export switch): the op stays whole, which is
+        # correct and compiles; nothing of the rule may leak into the graph.
+        # ("opaque" counts roialign.roi_align itself, so it is 1 in the forward graph only.)
+        assert (kernels, opaque, checks) == (0, 1 if name == "forward" else 0, 0)
+        return
     assert kernels == 1 and opaque == 0
     # The forward keeps the batch-index check, which needs the boxes' values, as an opaque op.
     assert checks == (1 if name == "forward" else 0)
@@ -93,7 +99,8 @@ def test_export_and_cpu_tensors_keep_the_op_whole(child_output):
 def test_only_the_triton_backend_on_cuda_is_traced_into():
     cuda = torch.device("cuda")
     assert common._triton_for_tracing(torch.device("cpu"), "roi_align") is None
-    assert common._triton_for_tracing(cuda, "roi_align").__name__ == "roialign.kernels.triton.roi_align"
+    want = "roialign.kernels.triton.roi_align" if common.tracing_into_triton_supported() else None
+    assert getattr(common._triton_for_tracing(cuda, "roi_align"), "__name__", None) == want
     with roialign.use_backend("reference"):
         assert common._triton_for_tracing(cuda, "roi_align") is None
 

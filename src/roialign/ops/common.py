@@ -48,11 +48,28 @@ def _(rois, batch_size):
     return torch.empty_like(rois)
 
 
+def _export_switch():
+    """torch.export's switch that keeps Triton-backed ops whole (as ``torch.library.triton_op``
+    does), or None on a torch without it. A private name: looked up, never assumed."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return None
+    return custom_triton_ops_decomposition_disabled
+
+
+def tracing_into_triton_supported() -> bool:
+    """Whether this torch lets torch.compile see our Triton kernels (torch >= 2.6: ``wrap_triton``,
+    ``CustomOpDef.register_torch_dispatch`` and torch.export's switch). Elsewhere the ops stay
+    opaque under torch.compile, which is correct and still compiles."""
+    return (hasattr(torch.library, "wrap_triton") and hasattr(checked_rois, "register_torch_dispatch")
+            and _export_switch() is not None)
+
+
 def _triton_for_tracing(device: torch.device, operator: str) -> ModuleType | None:
     """The Triton kernel module when a graph traced on ``device`` should see into it, else None."""
-    from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-    if device.type != "cuda" or custom_triton_ops_decomposition_disabled():
+    switch = _export_switch()
+    if device.type != "cuda" or switch is None or switch():
         return None
     if _backend.select_name(device) != "triton":
         return None
@@ -62,7 +79,9 @@ def _triton_for_tracing(device: torch.device, operator: str) -> ModuleType | Non
 def register_triton_decomposition(op, operator: str, body, device_of) -> None:
     """Under AOTAutograd on CUDA with the Triton backend in force, run ``body(kernel, *args)``
     instead of the opaque ``op``, where ``kernel`` is ``roialign.kernels.triton.<operator>``;
-    ``device_of(*args)`` says where the op runs."""
+    ``device_of(*args)`` says where the op runs. Nothing is registered on a torch that cannot."""
+    if not tracing_into_triton_supported():
+        return
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 

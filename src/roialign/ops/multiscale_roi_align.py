@@ -9,6 +9,8 @@ ops run the ``roi_align`` kernels of the backend in force on each level's boxes.
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,8 @@ from .roi_align import _backward_input, _backward_rois, _channels_last, _check_t
 
 __all__ = ["multiscale_roi_align", "multiscale_roi_align_backward", "multiscale_roi_align_backward_rois"]
 
-# dtypes travel to the backward op as integers (a schema has no list of dtypes).
+# dtypes travel to the backward op as integers (a schema has no list of dtypes). Signatures use
+# typing.List: torch 2.5's schema inference does not know the builtin list[...].
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -49,7 +52,7 @@ def _level_index(levels: Tensor, level: int) -> Tensor:
 
 
 @torch.library.custom_op("roialign::multiscale_roi_align", mutates_args=())
-def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float],
+def multiscale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
                          pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Box ``k`` pooled from ``features[levels[k]]`` at ``scales[levels[k]]``; the first map's dtype."""
     _check(features, rois, levels, scales, pooled_height, pooled_width)
@@ -78,9 +81,9 @@ def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_rati
 
 
 @torch.library.custom_op("roialign::multiscale_roi_align_backward", mutates_args=())
-def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, levels: Tensor, scales: list[float],
-                                  pooled_height: int, pooled_width: int, sizes: list[int], dtypes: list[int],
-                                  channels_last: list[bool], sampling_ratio: int, aligned: bool) -> list[Tensor]:
+def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, levels: Tensor, scales: List[float],
+                                  pooled_height: int, pooled_width: int, sizes: List[int], dtypes: List[int],
+                                  channels_last: List[bool], sampling_ratio: int, aligned: bool) -> List[Tensor]:
     """Gradients of every feature map: ``sizes`` holds ``N, C, H, W`` of each, ``dtypes`` indices into ``_DTYPES``."""
     kernel = _backend.select(grad.device, "roi_align")
     grads = []
@@ -102,8 +105,8 @@ def _(grad, rois, levels, scales, pooled_height, pooled_width, sizes, dtypes, ch
 
 
 @torch.library.custom_op("roialign::multiscale_roi_align_backward_rois", mutates_args=())
-def multiscale_roi_align_backward_rois(grad: Tensor, features: list[Tensor], rois: Tensor, levels: Tensor,
-                                       scales: list[float], pooled_height: int, pooled_width: int,
+def multiscale_roi_align_backward_rois(grad: Tensor, features: List[Tensor], rois: Tensor, levels: Tensor,
+                                       scales: List[float], pooled_height: int, pooled_width: int,
                                        sampling_ratio: int, aligned: bool) -> Tensor:
     """Gradient with respect to the boxes ``[K, 5]`` (zero in the batch-index column)."""
     kernel = _backend.select(grad.device, "roi_align")

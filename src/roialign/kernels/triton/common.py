@@ -1,7 +1,5 @@
 """What the Triton kernels of every operator share: launching under torch.compile, block sizes."""
 
-from __future__ import annotations
-
 import contextlib
 import contextvars
 from collections.abc import Iterator

@@ -19,8 +19,6 @@ can land in ``[-1, H]`` are visited (the range is computed in float64, with one 
 each side, and the exact test is applied to each). Adaptive sample counts are capped at 2^30.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
@@ -94,11 +92,11 @@ def _sample(base, bin_size, grid, i, size):
     moves = pos > 0
     pos = tl.maximum(pos, 0.0).to(base.dtype)
     low = pos.to(tl.int32)
-    edge = low >= size - 1
-    low = tl.where(edge, size - 1, low)
-    high = tl.where(edge, low, low + 1)
-    frac = tl.where(edge, 0.0, pos - low.to(base.dtype)).to(base.dtype)
-    return valid, low, high, frac, moves & ~edge
+    inner = low < size - 1  # else on the last row (column) or past it; no "~" on int1 (triton 3.1's interpreter)
+    low = tl.where(inner, low, size - 1)
+    high = tl.where(inner, low + 1, low)
+    frac = tl.where(inner, pos - low.to(base.dtype), 0.0).to(base.dtype)
+    return valid, low, high, frac, moves & inner
 
 
 @triton.jit
