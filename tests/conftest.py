@@ -11,6 +11,19 @@ if importlib.util.find_spec("triton") is not None and not torch.cuda.is_availabl
 
 import roialign  # noqa: E402
 
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return
+    import numpy
+    import triton
+    from interpreter_probe import interpreter_problem
+
+    problem = interpreter_problem()
+    if problem is not None:
+        pytest.exit(f"Triton {triton.__version__}'s interpreter cannot run the Triton backend's tests with numpy "
+                    f"{numpy.__version__} ({problem}); triton <= 3.5 needs numpy < 2.4 for them", returncode=3)
+
 # The interpreter runs each Triton program in Python: it gets every k-th case of the long tables,
 # and the modules below (correctness, peers, layouts, bad input); opcheck, compile and gradcheck
 # of this backend belong to a GPU run.
