@@ -39,6 +39,11 @@ def _box_sides(boxes: BoxesLike) -> Tensor:
     return torch.sqrt((corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1]))
 
 
+def _check_convention(convention: object) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(map(repr, CONVENTIONS))}; got {convention!r}")
+
+
 def _check_int(value: object, name: str) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int; got {value!r}")
@@ -74,8 +79,7 @@ def assign_levels(boxes: BoxesLike, min_level: int, max_level: int, *, conventio
     min_level, max_level = _check_int(min_level, "min_level"), _check_int(max_level, "max_level")
     if max_level < min_level:
         raise ValueError(f"max_level must be >= min_level; got min_level={min_level}, max_level={max_level}")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {', '.join(map(repr, CONVENTIONS))}; got {convention!r}")
+    _check_convention(convention)
     side = _box_sides(boxes)
     if convention == "torchvision":
         level = torch.floor(canonical_level + torch.log2(side / canonical_scale)
@@ -177,8 +181,7 @@ class MultiScaleRoIAlign(torchvision_multiscale_base()):
         if isinstance(featmap_names, str) or not isinstance(featmap_names, Sequence):
             raise TypeError(f"featmap_names must be a list of str; got {featmap_names!r}")
         check_scalars(1.0, sampling_ratio, aligned)
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention must be one of {', '.join(map(repr, CONVENTIONS))}; got {convention!r}")
+        _check_convention(convention)
         self.featmap_names = list(featmap_names)
         self.output_size = output_size_pair(output_size)
         self.sampling_ratio = int(sampling_ratio)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align as _op
 from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
 
@@ -49,7 +50,7 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
     check_scalars(spatial_scale, sampling_ratio, aligned)
     rois = boxes_to_rois(boxes)
     if rois.dtype.is_floating_point:
-        rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+        rois = rois.to(compute_dtype(input.dtype))
     if torch.onnx.is_in_onnx_export():  # a standard ONNX RoiAlign node, with either exporter
         from ..integrations import onnx as _onnx
 

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..kernels.reference.common import compute_dtype
+
 __all__ = ["onnx_translation_table", "register_legacy_symbolic", "roi_align_attributes"]
 
 _OP_NAME = "roialign::roi_align"
@@ -84,11 +86,6 @@ def _fail(message: str):
     raise OnnxExporterError(message)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """roialign's arithmetic type: float64 stays float64, every other floating type is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --- Called by roialign.roi_align while torch.onnx.export runs ---------------------------------
 
 
@@ -103,7 +100,7 @@ def export_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
         return op.roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
     # The dynamo exporter (torch.export, then translation): record the ONNX node directly.
     op._check_tensors(input, rois, pooled_height, pooled_width)
-    compute = _compute_dtype(input.dtype)
+    compute = compute_dtype(input.dtype)
     x = input.to(compute)
     out = torch.onnx.ops.symbolic(
         "RoiAlign",

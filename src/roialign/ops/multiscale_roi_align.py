@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ..kernels.reference.common import compute_dtype
 from .common import check_batch_index
 from .roi_align import _backward_input, _backward_rois, _channels_last, _check_tensors, _forward
 
@@ -44,7 +45,7 @@ def _check(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[fl
 
 def _compute_rois(rois: Tensor, dtype: torch.dtype) -> Tensor:
     """The boxes as roi_align's functional passes them for features of ``dtype``."""
-    return rois.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return rois.to(compute_dtype(dtype))
 
 
 def _level_index(levels: Tensor, level: int) -> Tensor:
