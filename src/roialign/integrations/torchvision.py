@@ -74,6 +74,7 @@ def _modules() -> dict[str, object]:
 
 
 def _rois_for_torchscript(boxes: Union[Tensor, List[Tensor]]) -> Tensor:
+    """``boxes_to_rois`` without its argument checks, which TorchScript cannot compile."""
     if isinstance(boxes, Tensor):
         return boxes
     return torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), 1) for i, b in enumerate(boxes)], 0)
@@ -182,12 +183,3 @@ def unpatch_torchvision() -> None:
     with _lock:
         if _originals:
             _apply(_modules(), _originals)
-
-
-def is_patched() -> bool:
-    """True while torchvision's detection pooler calls roialign."""
-    with _lock:
-        if not _replacements:
-            return False
-        module = importlib.import_module("torchvision.ops.poolers")
-        return module.roi_align is _replacements[("torchvision.ops.poolers", "roi_align")]
