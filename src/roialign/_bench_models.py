@@ -1,8 +1,8 @@
 """Whole-model CPU benchmark: torchvision's detectors with torchvision's RoIAlign and with roialign's.
 
 One model object is run unpatched ("torchvision") and under ``roialign.patch_torchvision()``
-("roialign"), alternating (torchvision, roialign, torchvision, ...) so that drifts in machine load
-hit both alike. For each model and mode it measures:
+("roialign"), in pairs whose order alternates (torchvision, roialign, roialign, torchvision,
+...) so that drifts in machine load hit both alike. For each model and mode it measures:
 
 * the whole step, in unprofiled passes: ``eval`` is a forward under ``torch.no_grad``; ``train``
   is a forward with ground truth, the sum of the losses and its backward (no optimizer step);
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(machine_line(threads))
     print(f"image {height}x{width} (one, random), random weights (seed {args.seed}), up to {proposals} proposals "
           f"and {detections} detections; {repeats} timed pairs and "
-          f"{profile_repeats} profiled pairs per model and mode, alternating torchvision/roialign; "
+          f"{profile_repeats} profiled pairs per model and mode, in alternating order (ABBA); "
           f"'tv/ours' = torchvision time / roialign time\n")
     rows, names = [], {}
     for name in models:
