@@ -85,19 +85,23 @@ def check_scalars(spatial_scale: float, sampling_ratio: int, aligned: bool) -> N
         raise TypeError(f"aligned must be a bool; got {aligned!r}")
 
 
-def boxes_to_rois(boxes: BoxesLike) -> Tensor:
-    """A ``[K, 5]`` tensor as is, or a list of per-image ``[L_i, 4]`` tensors joined into one."""
+def boxes_to_rois(boxes: BoxesLike, fields: str = "x1, y1, x2, y2") -> Tensor:
+    """A ``[K, 1 + F]`` tensor as is, or a list of per-image ``[L_i, F]`` tensors joined into one
+    with the image index in front; ``fields`` names the F box columns, for error messages."""
     if isinstance(boxes, Tensor):
         return boxes
+    width = len(fields.split(","))
     if not isinstance(boxes, Sequence) or isinstance(boxes, str):
-        raise TypeError(f"boxes must be a [K, 5] tensor or a list of [L, 4] tensors; got {type(boxes).__name__}")
+        raise TypeError(f"boxes must be a [K, {width + 1}] tensor or a list of [L, {width}] tensors; "
+                        f"got {type(boxes).__name__}")
     parts = []
     for i, b in enumerate(boxes):
         if not isinstance(b, Tensor):
-            raise TypeError(f"boxes[{i}] must be a tensor of shape [L, 4]; got {type(b).__name__}")
-        if b.dim() != 2 or b.shape[1] != 4:
-            raise ValueError(f"boxes[{i}] must have shape [L, 4] (x1, y1, x2, y2); got {list(b.shape)}")
+            raise TypeError(f"boxes[{i}] must be a tensor of shape [L, {width}]; got {type(b).__name__}")
+        if b.dim() != 2 or b.shape[1] != width:
+            raise ValueError(f"boxes[{i}] must have shape [L, {width}] ({fields}); got {list(b.shape)}")
         parts.append(torch.cat((torch.full_like(b[:, :1], i), b), dim=1))
     if not parts:
-        raise ValueError("boxes must not be an empty list: pass one [L, 4] tensor per image, or a [0, 5] tensor")
+        raise ValueError(f"boxes must not be an empty list: pass one [L, {width}] tensor per image, "
+                         f"or a [0, {width + 1}] tensor")
     return torch.cat(parts, dim=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -9,3 +11,83 @@ from torch import Tensor
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rotation(angles: Tensor, degrees: bool, clockwise: bool) -> tuple[Tensor, Tensor]:
+    """cos and sin of each rotated box's angle, float64, on the angles' device; differentiable.
+
+    The angle is never rounded to float32 before trigonometry. Degrees are reduced modulo 360,
+    then to the nearest multiple of 90, which is applied exactly (a quarter turn swaps and
+    negates cos and sin): boxes at 0, 90, 180 and 270 degrees, however large the angle, get
+    exact 0 and +-1, so that they sample exactly the points of the unrotated box. Radians go to
+    float64 cos and sin, whose argument reduction is exact. ``clockwise`` negates the angle.
+    NaN or infinite angles give NaN.
+    """
+    a = angles.double()
+    if clockwise:
+        a = -a
+    if not degrees:
+        return torch.cos(a), torch.sin(a)
+    a = torch.fmod(a, 360.0)
+    quarter = torch.round(a / 90.0).detach()
+    rad = (a - 90.0 * quarter) * (math.pi / 180.0)
+    c, s = torch.cos(rad), torch.sin(rad)
+    turns = torch.remainder(quarter, 4.0)
+    cos = torch.where(turns == 0, c, torch.where(turns == 1, -s, torch.where(turns == 2, -c, s)))
+    sin = torch.where(turns == 0, s, torch.where(turns == 1, c, torch.where(turns == 2, -s, -c)))
+    return cos, sin
+
+
+def angle_factor(degrees: bool, clockwise: bool) -> float:
+    """d theta / d angle, theta being the counter-clockwise angle in radians that the kernels use."""
+    return (-1.0 if clockwise else 1.0) * (math.pi / 180.0 if degrees else 1.0)
+
+
+def rotated_row_span(rois: Tensor, cos: Tensor, sin: Tensor, spatial_scale: float, aligned: bool,
+                     height: int) -> Tensor:
+    """[K, 2] int64: the first and last feature row that any tap of each rotated box can touch.
+
+    Conservative (float64, with a margin for the float32 rounding of sample positions), like
+    ``roi_align.row_span``; non-finite boxes span every row (they contribute nothing anyway).
+    """
+    offset = 0.5 if aligned else 0.0
+    r = rois.double()
+    cy = r[:, 2] * spatial_scale - offset
+    w, h = r[:, 3] * spatial_scale, r[:, 4] * spatial_scale
+    if not aligned:
+        w, h = w.clamp(min=1), h.clamp(min=1)
+    reach = 0.5 * (h * cos.abs() + w * sin.abs())
+    margin = 2 + 4e-6 * (cy.abs() + w.abs() + h.abs())
+    first = (cy - reach - margin).floor().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    last = (cy + reach + margin).ceil().nan_to_num(float(height), posinf=float(height), neginf=float(height))
+    return torch.stack((first, last), 1).clamp(0, max(height - 1, 0)).long()
+
+
+def local_extent(cx: Tensor, cy: Tensor, cos: Tensor, sin: Tensor, height: int, width: int,
+                 margin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The map ``[-1, H] x [-1, W]`` seen in each rotated box's own axes (float64): the
+    smallest ``[y_lo, y_hi] x [x_lo, x_hi]`` of box-local coordinates holding every sample that
+    can land on the map, widened by ``margin``. Samples outside it need not be visited."""
+    dy = torch.stack((-1.0 - cy, height - cy), -1).double()[..., :, None]
+    dx = torch.stack((-1.0 - cx, width - cx), -1).double()[..., None, :]
+    c, s = cos.double()[:, None, None], sin.double()[:, None, None]
+    local_y = (dy * c + dx * s).flatten(1)
+    local_x = (dx * c - dy * s).flatten(1)
+    m = margin.double()
+    return (local_y.amin(1) - m, local_y.amax(1) + m, local_x.amin(1) - m, local_x.amax(1) + m)
+
+
+def sample_range(base: Tensor, bin_size: Tensor, grid: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """First index and count of the samples ``base + (i + 0.5) * bin_size / grid``, ``i`` in
+    ``[0, grid)``, that can fall in ``[lo, hi]``, with one spare on each side (float64 bounds;
+    the caller tests each sample exactly). ``bin_size >= 0``; all broadcast together."""
+    g = grid.double()
+    step = bin_size.double() / g.clamp(min=1)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    a = (lo.double() - base.double()) / safe - 0.5
+    b = (hi.double() - base.double()) / safe - 0.5
+    first = torch.minimum((torch.ceil(a) - 1).clamp(min=0), g)
+    last = torch.minimum((torch.floor(b) + 2).clamp(min=0), g)
+    first = torch.where(step > 0, first, torch.zeros_like(first)).nan_to_num(0.0)
+    last = torch.where(step > 0, last, g).nan_to_num(0.0)
+    return first, (last - first).clamp(min=0)
