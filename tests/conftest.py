@@ -28,7 +28,8 @@ def pytest_configure(config):
 # and the modules below (correctness, peers, layouts, bad input); opcheck, compile and gradcheck
 # of this backend belong to a GPU run.
 INTERPRETED_STRIDE = {"seed": 10}
-INTERPRETED_MODULES = {"test_bands.py", "test_correctness.py", "test_errors.py", "test_layouts.py", "test_onnx_peer.py"}
+INTERPRETED_MODULES = {"test_bands.py", "test_correctness.py", "test_errors.py", "test_layouts.py", "test_onnx_peer.py",
+                       "test_rotated.py"}
 
 
 def cpu_backends() -> list[str]:

@@ -1,4 +1,5 @@
-"""mmcv's RoIAlign signatures (``mmcv.ops.RoIAlign`` and ``mmcv.ops.roi_align``) on roialign's kernels.
+"""mmcv's RoIAlign signatures (``mmcv.ops.RoIAlign``, ``mmcv.ops.roi_align``, ``mmcv.ops.RoIAlignRotated``
+and ``mmcv.ops.roi_align_rotated``) on roialign's kernels.
 
 For mmdetection and other OpenMMLab code: the argument names, order and defaults are mmcv's
 (``sampling_ratio=0``, ``aligned=True``, then ``pool_mode`` and ``use_torchvision``), and the
@@ -12,6 +13,10 @@ mmcv's semantics. Differences from mmcv:
   box gradient).
 - ``mmdeploy`` and other code that checks ``isinstance(layer, mmcv.ops.RoIAlign)`` will not
   recognise :class:`RoIAlign`.
+- Rotated: angles in radians, ``clockwise=True`` negates them, ``aligned=False`` is the legacy
+  form (no -0.5 shift, sizes raised to one pixel), as in mmcv; unlike mmcv, the boxes (centre,
+  size and angle) get a gradient, angles are reduced in float64 before trigonometry, and a
+  negative width or height is an error rather than an undefined result.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from torch import Tensor, nn
 
 from ..api._args import check_scalars, fx_leaf, output_size_pair
 from ..api.roi_align import roi_align as _roi_align
+from ..api.roi_align_rotated import check_rotation_args
+from ..api.roi_align_rotated import roi_align_rotated as _roi_align_rotated
 
-__all__ = ["RoIAlign", "roi_align"]
+__all__ = ["RoIAlign", "roi_align", "RoIAlignRotated", "roi_align_rotated"]
 
 
 def _check_pool_mode(pool_mode: object) -> None:
@@ -157,3 +164,65 @@ class RoIAlign(nn.Module):
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
                 f"sampling_ratio={self.sampling_ratio}, pool_mode={self.pool_mode}, "
                 f"aligned={self.aligned}, use_torchvision={self.use_torchvision}")
+
+
+@fx_leaf
+def roi_align_rotated(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spatial_scale: float = 1.0,
+                      sampling_ratio: int = 0, aligned: bool = True, clockwise: bool = False) -> Tensor:
+    """Rotated RoIAlign with ``mmcv.ops.roi_align_rotated``'s signature: angles in radians.
+
+    Args:
+        input: features ``[N, C, H, W]``.
+        rois: ``[K, 6]`` of ``(batch index, cx, cy, w, h, angle in radians)``.
+        output_size: ``(PH, PW)`` or an int.
+        spatial_scale: factor from box coordinates to feature-map pixels.
+        sampling_ratio: samples per bin along each box axis; ``<= 0`` adaptive.
+        aligned: True: pixel centres at integer + 0.5; False: mmcv's legacy form (no shift,
+            width and height raised to at least one pixel).
+        clockwise: if True, the angle is negated (mmrotate's configs use it).
+
+    Returns:
+        ``[K, C, PH, PW]``; differentiable with respect to ``input`` and (unlike mmcv) ``rois``.
+    """
+    return _roi_align_rotated(input, rois, output_size, spatial_scale, sampling_ratio, aligned=aligned,
+                              clockwise=clockwise, angle_unit="radians")
+
+
+class RoIAlignRotated(nn.Module):
+    """Rotated RoIAlign with ``mmcv.ops.RoIAlignRotated``'s signature, for mmrotate's RoI extractors.
+
+    Args:
+        output_size: ``(height, width)`` or an int; stored as a pair in ``.output_size``. mmcv's
+            deprecated keyword ``out_size`` is accepted with a DeprecationWarning.
+        spatial_scale: factor from box coordinates to feature-map pixels.
+        sampling_ratio: samples per bin along each box axis; ``<= 0`` adaptive. mmcv's
+            deprecated keyword ``sample_num`` is accepted with a DeprecationWarning.
+        aligned: True: pixel centres at integer + 0.5; False: the legacy form.
+        clockwise: if True, a positive angle turns the box clockwise on the screen.
+
+    Shape:
+        - input: ``[N, C, H, W]``
+        - rois: ``[K, 6]`` of ``(batch index, cx, cy, w, h, angle in radians)``
+        - output: ``[K, C, height, width]``
+    """
+
+    @_renamed_keywords("RoIAlignRotated", out_size="output_size", sample_num="sampling_ratio")
+    def __init__(self, output_size: int | Sequence[int], spatial_scale: float, sampling_ratio: int = 0,
+                 aligned: bool = True, clockwise: bool = False) -> None:
+        super().__init__()
+        self.output_size = output_size_pair(output_size)
+        check_scalars(spatial_scale, sampling_ratio, aligned)
+        check_rotation_args(clockwise, "radians")
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = aligned
+        self.clockwise = clockwise
+
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
+        """Pool ``input`` ``[N, C, H, W]`` at ``rois`` ``[K, 6]``; returns ``[K, C, *output_size]``."""
+        return roi_align_rotated(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+                                 self.aligned, self.clockwise)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, clockwise={self.clockwise}")
