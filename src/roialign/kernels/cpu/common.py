@@ -39,6 +39,63 @@ def nchw_to_nhwc(x, b, r0, r1, out):
                         out[b, r, q, c] = x[b, c, r, q]
 
 
+@numba.njit(inline="always", **JIT)
+def visible_samples(base, bin_size, grid, lo, hi):
+    """[first, last) of the sample indices ``i`` in [0, grid) whose position
+    ``base + (i + 0.5) * bin_size / grid`` can land in [lo, hi], plus one spare each side (the
+    caller tests each sample exactly); float64 bounds, so gigantic grids cost nothing."""
+    if grid <= 0:
+        return 0, 0
+    step = np.float64(bin_size) / grid
+    if step == 0.0 or not np.isfinite(step):
+        return 0, grid
+    a = (lo - np.float64(base)) / step - 0.5
+    b = (hi - np.float64(base)) / step - 0.5
+    if step > 0:
+        first_f, last_f = np.ceil(a), np.floor(b)
+    else:
+        first_f, last_f = np.ceil(b), np.floor(a)
+    first = min(max(first_f - 1.0, 0.0), float(grid))
+    last = min(max(last_f + 2.0, 0.0), float(grid))
+    return int(first), int(max(last, first))
+
+
+@numba.njit(**JIT)
+def transpose_boxes(grad, lo, hi, grad_t):
+    """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C]."""
+    for k in range(lo, hi):
+        for c in range(grad.shape[1]):
+            for i in range(grad.shape[2]):
+                grad_t[k, i, c] = grad[k, c, i]
+
+
+@numba.njit(**JIT)
+def band_of(grad_feat, b, r0, r1, planar):
+    """The zeroed ``[rows, W, C]`` band in which rows ``[r0, r1)`` of image ``b`` of an input
+    gradient are accumulated: ``grad_feat`` itself when it is channels-last ([N, H, W, C]),
+    else a scratch buffer that :func:`store_band` transposes into the planar ([N, C, H, W]) one."""
+    if planar:
+        band = np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1]), dtype=grad_feat.dtype)
+    else:
+        band = grad_feat[b, r0:r1]
+        band[:] = 0
+    return band
+
+
+@numba.njit(**JIT)
+def store_band(grad_feat, band, b, r0, planar):
+    """Write a band from :func:`band_of` into a planar gradient (nothing to do for channels-last)."""
+    if not planar:
+        return
+    channels, width = grad_feat.shape[1], grad_feat.shape[3]
+    for c0 in range(0, channels, 16):
+        c1 = min(c0 + 16, channels)
+        for rr in range(band.shape[0]):
+            for q in range(width):
+                for c in range(c0, c1):
+                    grad_feat[b, c, r0 + rr, q] = band[rr, q, c]
+
+
 # ----------------------------------------------------------------------------------------------
 # Threads.
 

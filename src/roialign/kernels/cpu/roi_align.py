@@ -25,32 +25,14 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
-from .common import JIT, box_geometry, box_jobs, channels_last_view, empty, workers
+from .common import (JIT, band_of, box_geometry, box_jobs, channels_last_view, empty, store_band, transpose_boxes,
+                     visible_samples, workers)
 
 _MAX_GRID = 2**52
 
 
 # ----------------------------------------------------------------------------------------------
 # Geometry: one box, one axis.
-
-
-@numba.njit(inline="always", **JIT)
-def _visible_samples(base, bin_size, grid, size):
-    """[first, last) of the sample indices in [0, grid) that can land in [-1, size], plus one spare each side."""
-    if grid <= 0:
-        return 0, 0
-    step = np.float64(bin_size) / grid
-    if step == 0.0 or not np.isfinite(step):
-        return 0, grid
-    a = (-1.0 - np.float64(base)) / step - 0.5
-    b = (size - np.float64(base)) / step - 0.5
-    if step > 0:
-        lo, hi = np.ceil(a), np.floor(b)
-    else:
-        lo, hi = np.ceil(b), np.floor(a)
-    first = min(max(lo - 1.0, 0.0), float(grid))
-    last = min(max(hi + 2.0, 0.0), float(grid))
-    return int(first), int(max(last, first))
 
 
 @numba.njit(**JIT)
@@ -93,7 +75,7 @@ def _tap_capacity(start, length, grid, pooled, size, T):
     bin_size = length / T(pooled)
     most = 0
     for p in range(pooled):
-        first, last = _visible_samples(start + T(p) * bin_size, bin_size, grid, size)
+        first, last = visible_samples(start + T(p) * bin_size, bin_size, grid, -1.0, size)
         most = max(most, last - first)
     return 2 * most
 
@@ -124,7 +106,7 @@ def _axis_taps(start, length, fixed, grid, pooled, size, T, index, weight, d_sta
     bin_size = length / T(pooled)
     for p in range(pooled):
         base = start + T(p) * bin_size
-        first, last = _visible_samples(base, bin_size, grid, size)
+        first, last = visible_samples(base, bin_size, grid, -1.0, size)
         n = 0
         for i in range(first, last):
             pos = base + T(i + 0.5) * bin_size / T(grid)
@@ -275,15 +257,9 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
     order (``grad_t`` is the output gradient as [K, PH * PW, C]). A channels-last ``grad_feat``
     ([N, H, W, C]) is accumulated in place; a ``planar`` one ([N, C, H, W]) through a channels-last
     band that is then transposed into it. Each call owns its rows: no other call writes them."""
-    if planar:
-        channels, height, width = grad_feat.shape[1], grad_feat.shape[2], grad_feat.shape[3]
-    else:
-        height, width, channels = grad_feat.shape[1], grad_feat.shape[2], grad_feat.shape[3]
-    if planar:
-        band = np.zeros((r1 - r0, width, channels), dtype=grad_feat.dtype)
-    else:
-        band = grad_feat[b, r0:r1]  # channels-last: accumulate in place
-        band[:] = 0
+    band = band_of(grad_feat, b, r0, r1, planar)
+    width, channels = band.shape[1], band.shape[2]
+    height = grad_feat.shape[2] if planar else grad_feat.shape[1]
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
     for j in range(lo, hi):
@@ -316,22 +292,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
                         pixel = band[r - r0, xi[pw, tx]]
                         for c in range(channels):
                             pixel[c] += w * g[c]
-    if planar:
-        for c0 in range(0, channels, 16):
-            c1 = min(c0 + 16, channels)
-            for rr in range(r1 - r0):
-                for q in range(width):
-                    for c in range(c0, c1):
-                        grad_feat[b, c, r0 + rr, q] = band[rr, q, c]
-
-
-@numba.njit(**JIT)
-def _transpose_boxes(grad, lo, hi, grad_t):
-    """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C]."""
-    for k in range(lo, hi):
-        for c in range(grad.shape[1]):
-            for i in range(grad.shape[2]):
-                grad_t[k, i, c] = grad[k, c, i]
+    store_band(grad_feat, band, b, r0, planar)
 
 
 @numba.njit(**JIT)
@@ -420,7 +381,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     geometry, T = box_geometry(rois, dtype)
     grad_np = grad.detach().to(dtype).contiguous().view(grad.shape[0], channels, -1).numpy()
     grad_t = empty((grad_np.shape[0], grad_np.shape[2], channels), dtype).numpy()
-    workers.run(_transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
+    workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
     # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
     # and each job owns a band of rows of one image, so the result does not depend on threads.
     batch = torch.from_numpy(geometry[:, 0]).long()
