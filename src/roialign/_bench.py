@@ -172,6 +172,9 @@ def _print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="boxhead-P2 and adaptive only, 3 repeats")
+    parser.add_argument("--op", choices=("roi_align", "rotated"), default="roi_align",
+                        help="rotated: roi_align_rotated on the same workloads with random angles, against "
+                             "torchvision's and our axis-aligned kernels on the unrotated boxes")
     parser.add_argument("--workloads", default=None, help=f"comma-separated, from {', '.join(WORKLOADS)}, sweep")
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: all cores)")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, float64")
@@ -203,11 +206,19 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in dtypes:
         for t in threads:
             for workload in workloads:
-                rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick, only)
-    _print_table(rows)
+                if args.op == "rotated":
+                    from . import _bench_rotated
+                    rows += _bench_rotated.bench_workload(workload, dtype, t, repeats, args.quick, only)
+                else:
+                    rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick, only)
+    if args.op == "rotated":
+        from . import _bench_rotated
+        _bench_rotated.print_table(rows)
+    else:
+        _print_table(rows)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
             writer.writerows(rows)
         print(f"\nwrote {args.csv}")

@@ -46,13 +46,6 @@ def _axis(pos, size, T):
 
 
 @numba.njit(inline="always", **JIT)
-def _position(geo, k, yy, xx):
-    """Map position (y, x) of the box-local point (yy, xx) of box ``k``, in the published order."""
-    cx, cy, cos, sin = geo[k, 0], geo[k, 1], geo[k, 4], geo[k, 5]
-    return yy * cos - xx * sin + cy, yy * sin + xx * cos + cx
-
-
-@numba.njit(inline="always", **JIT)
 def _local(geo, grid, k, p, i, pooled, axis, T):
     """Box-local coordinate of sample ``i`` of bin ``p`` along box axis 0 (y, height) or 1 (x, width)."""
     size = geo[k, 3 - axis]
@@ -70,39 +63,144 @@ def _sample_range(geo, grid, extent, k, p, pooled, axis, T):
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-box tables. A sample's position is ``y = yy cos - xx sin + cy``, ``x = yy sin + xx cos + cx``
+# (the published order): the four products depend on the row or on the column only, so they are
+# tabulated once per box, ``[bin, sample]`` along each box axis, for the visible samples.
+
+
+@numba.njit(**JIT)
+def _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T):
+    """The most visible samples of any bin along y and along x, over boxes ``[lo, hi)``."""
+    cap_y = 1
+    cap_x = 1
+    for k in range(lo, hi):
+        if grid[k, 0] < 0:
+            continue
+        for p in range(pooled_h):
+            a, b = _sample_range(geo, grid, extent, k, p, pooled_h, 0, T)
+            cap_y = max(cap_y, b - a)
+        for p in range(pooled_w):
+            a, b = _sample_range(geo, grid, extent, k, p, pooled_w, 1, T)
+            cap_x = max(cap_x, b - a)
+    return cap_y, cap_x
+
+
+@numba.njit(**JIT)
+def _tables(geo, grid, extent, lo, hi, pooled_h, pooled_w, T):
+    """Buffers for :func:`_fill`, large enough for every box of ``[lo, hi)``: first and count, then
+    the products with cos and with sin, along y then along x; and the merge buffer of a bin."""
+    cap_y, cap_x = _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T)
+    return (np.empty(pooled_h, np.int64), np.empty(pooled_h, np.int64), np.empty((pooled_h, cap_y), T),
+            np.empty((pooled_h, cap_y), T), np.empty(pooled_w, np.int64), np.empty(pooled_w, np.int64),
+            np.empty((pooled_w, cap_x), T), np.empty((pooled_w, cap_x), T), np.zeros(_MERGE_CELLS, T))
+
+
+@numba.njit(**JIT)
+def _fill(geo, grid, extent, k, pooled, axis, T, first, count, times_cos, times_sin):
+    """Fill one axis of box ``k``'s tables."""
+    cos, sin = geo[k, 4], geo[k, 5]
+    for p in range(pooled):
+        a, b = _sample_range(geo, grid, extent, k, p, pooled, axis, T)
+        first[p] = a
+        count[p] = b - a
+        for i in range(a, b):
+            v = _local(geo, grid, k, p, i, pooled, axis, T)
+            times_cos[p, i - a] = v * cos
+            times_sin[p, i - a] = v * sin
+
+
+# Taps of a bin are merged (weights of samples that read the same pixel added) in a dense patch
+# over the bin's pixel bounding box, when that patch is small next to the number of taps: small
+# bins (small boxes, fine sampling) read few distinct pixels many times. Larger bins read
+# their taps one by one.
+_MERGE_CELLS = 1024
+
+
+@numba.njit(inline="always", **JIT)
+def _bin_patch(geo, k, ph, pw, pooled_h, pooled_w, height, width, taps):
+    """Rows and columns ``r0, q0, rows, cols`` of the pixels bin ``(ph, pw)`` can read (from its
+    four corners, one pixel of margin for rounding), or ``rows = 0`` when not worth merging."""
+    w, h, cos, sin = np.float64(geo[k, 2]), np.float64(geo[k, 3]), np.float64(geo[k, 4]), np.float64(geo[k, 5])
+    cx, cy = np.float64(geo[k, 0]), np.float64(geo[k, 1])
+    y_lo = -h / 2 + ph * h / pooled_h
+    x_lo = -w / 2 + pw * w / pooled_w
+    min_y = min_x = np.inf
+    max_y = max_x = -np.inf
+    for yy in (y_lo, y_lo + h / pooled_h):
+        for xx in (x_lo, x_lo + w / pooled_w):
+            y = yy * cos - xx * sin + cy
+            x = yy * sin + xx * cos + cx
+            min_y, max_y, min_x, max_x = min(min_y, y), max(max_y, y), min(min_x, x), max(max_x, x)
+    if not (max_y - min_y < 64 and max_x - min_x < 64):
+        return 0, 0, 0, 0
+    r0 = int(max(np.floor(min_y) - 1, 0.0))
+    r1 = int(min(max(np.floor(max_y), 0.0) + 2, height - 1.0))
+    q0 = int(max(np.floor(min_x) - 1, 0.0))
+    q1 = int(min(max(np.floor(max_x), 0.0) + 2, width - 1.0))
+    rows, cols = r1 - r0 + 1, q1 - q0 + 1
+    if rows <= 0 or cols <= 0 or rows * cols > min(_MERGE_CELLS, 2 * taps):
+        return 0, 0, 0, 0
+    return r0, q0, rows, cols
+
+
+@numba.njit(inline="always", **JIT)
+def _add_channels(acc, w, pixel, channels):
+    for c in range(channels):
+        acc[c] += w * pixel[c]
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernels. ``geo`` is [K, 6] (cx, cy, w, h, cos, sin) in the compute dtype, ``grid`` [K, 2]
-# (samples per bin along y and x; 0 for a non-finite box), ``extent`` [K, 4] float64.
+# (samples per bin along y and x; -1 for a non-finite box), ``extent`` [K, 4] float64.
 
 
 @numba.njit(**JIT)
 def _forward(feat, geo, grid, extent, batch, lo, hi, pooled_h, pooled_w, T, out):
     n_img, height, width, channels = feat.shape
     acc = np.empty(channels, dtype=feat.dtype)
+    y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(geo, grid, extent, lo, hi, pooled_h,
+                                                                        pooled_w, T)
     for k in range(lo, hi):
         if grid[k, 0] < 0:  # non-finite box
             out[k, :, :] = np.nan
             continue
         b = batch[k]
+        cx, cy = geo[k, 0], geo[k, 1]
         count = T(max(np.float64(grid[k, 0]) * np.float64(grid[k, 1]), 1.0))
+        _fill(geo, grid, extent, k, pooled_h, 0, T, y_first, y_count, yc, ys)
+        _fill(geo, grid, extent, k, pooled_w, 1, T, x_first, x_count, xc, xs)
         for ph in range(pooled_h):
-            y0, y1 = _sample_range(geo, grid, extent, k, ph, pooled_h, 0, T)
             for pw in range(pooled_w):
-                x0, x1 = _sample_range(geo, grid, extent, k, pw, pooled_w, 1, T)
                 acc[:] = 0
-                for iy in range(y0, y1):
-                    yy = _local(geo, grid, k, ph, iy, pooled_h, 0, T)
-                    for ix in range(x0, x1):
-                        xx = _local(geo, grid, k, pw, ix, pooled_w, 1, T)
-                        y, x = _position(geo, k, yy, xx)
+                r0, q0, rows, cols = _bin_patch(geo, k, ph, pw, pooled_h, pooled_w, height, width,
+                                                4 * y_count[ph] * x_count[pw])
+                for j in range(y_count[ph]):
+                    for i in range(x_count[pw]):
+                        y = yc[ph, j] - xs[pw, i] + cy
+                        x = ys[ph, j] + xc[pw, i] + cx
                         if y < -1 or y > height or x < -1 or x > width:
                             continue
-                        r0, r1, ly, _ = _axis(y, height, T)
-                        q0, q1, lx, _ = _axis(x, width, T)
+                        ya, yb, ly, _ = _axis(y, height, T)
+                        xa, xb, lx, _ = _axis(x, width, T)
                         hy, hx = T(1.0) - ly, T(1.0) - lx
-                        w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx
-                        p00, p01, p10, p11 = feat[b, r0, q0], feat[b, r0, q1], feat[b, r1, q0], feat[b, r1, q1]
-                        for c in range(channels):
-                            acc[c] += w00 * p00[c] + w01 * p01[c] + w10 * p10[c] + w11 * p11[c]
+                        if rows > 0 and ya >= r0 and yb < r0 + rows and xa >= q0 and xb < q0 + cols:
+                            # Merge: add the four weights to the patch (a clamped axis adds twice to one cell).
+                            cell = (ya - r0) * cols + (xa - q0)
+                            down, right = (yb - ya) * cols, xb - xa
+                            patch[cell] += hy * hx
+                            patch[cell + right] += hy * lx
+                            patch[cell + down] += ly * hx
+                            patch[cell + down + right] += ly * lx
+                        else:
+                            w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx
+                            p00, p01, p10, p11 = feat[b, ya, xa], feat[b, ya, xb], feat[b, yb, xa], feat[b, yb, xb]
+                            for c in range(channels):
+                                acc[c] += w00 * p00[c] + w01 * p01[c] + w10 * p10[c] + w11 * p11[c]
+                for cell in range(rows * cols):
+                    w = patch[cell]
+                    if w != 0:
+                        patch[cell] = 0
+                        _add_channels(acc, w, feat[b, r0 + cell // cols, q0 + cell % cols], channels)
                 for c in range(channels):
                     out[k, c, ph * pooled_w + pw] = acc[c] / count
 
@@ -115,38 +213,60 @@ def _backward_input_rows(grad_t, geo, grid, extent, order, lo, hi, rows_of_box, 
     band = band_of(grad_feat, b, r0, r1, planar)
     width, channels = band.shape[1], band.shape[2]
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]
+    y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(geo, grid, extent, 0, 0, pooled_h,
+                                                                        pooled_w, T)
     for j in range(lo, hi):
         k = order[j]
         if grid[k, 0] < 0 or rows_of_box[k, 1] < r0 or rows_of_box[k, 0] >= r1:
             continue
+        cap_y, cap_x = _table_capacity(geo, grid, extent, k, k + 1, pooled_h, pooled_w, T)
+        if cap_y > yc.shape[1] or cap_x > xc.shape[1]:
+            y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(geo, grid, extent, k, k + 1,
+                                                                                pooled_h, pooled_w, T)
+        cx, cy = geo[k, 0], geo[k, 1]
         count = T(max(np.float64(grid[k, 0]) * np.float64(grid[k, 1]), 1.0))
+        _fill(geo, grid, extent, k, pooled_h, 0, T, y_first, y_count, yc, ys)
+        _fill(geo, grid, extent, k, pooled_w, 1, T, x_first, x_count, xc, xs)
         for ph in range(pooled_h):
-            y0, y1 = _sample_range(geo, grid, extent, k, ph, pooled_h, 0, T)
             for pw in range(pooled_w):
-                x0, x1 = _sample_range(geo, grid, extent, k, pw, pooled_w, 1, T)
+                p0, q0, rows, cols = _bin_patch(geo, k, ph, pw, pooled_h, pooled_w, height, width,
+                                                4 * y_count[ph] * x_count[pw])
+                if rows > 0 and (p0 + rows <= r0 or p0 >= r1):
+                    continue  # the bin reads no row of this band
                 g = grad_t[k, ph * pooled_w + pw]
-                for iy in range(y0, y1):
-                    yy = _local(geo, grid, k, ph, iy, pooled_h, 0, T)
-                    for ix in range(x0, x1):
-                        xx = _local(geo, grid, k, pw, ix, pooled_w, 1, T)
-                        y, x = _position(geo, k, yy, xx)
+                for jy in range(y_count[ph]):
+                    for ix in range(x_count[pw]):
+                        y = yc[ph, jy] - xs[pw, ix] + cy
+                        x = ys[ph, jy] + xc[pw, ix] + cx
                         if y < -1 or y > height or x < -1 or x > width:
                             continue
                         ya, yb, ly, _ = _axis(y, height, T)
                         if yb < r0 or ya >= r1:
                             continue
-                        qa, qb, lx, _ = _axis(x, width, T)
+                        xa, xb, lx, _ = _axis(x, width, T)
                         hy, hx = T(1.0) - ly, T(1.0) - lx
+                        if rows > 0 and ya >= p0 and yb < p0 + rows and xa >= q0 and xb < q0 + cols:
+                            cell = (ya - p0) * cols + (xa - q0)
+                            down, right = (yb - ya) * cols, xb - xa
+                            patch[cell] += hy * hx
+                            patch[cell + right] += hy * lx
+                            patch[cell + down] += ly * hx
+                            patch[cell + down + right] += ly * lx
+                            continue
                         for row, wy in ((ya, hy), (yb, ly)):
-                            if row < r0 or row >= r1 or wy == 0:
+                            if row < r0 or row >= r1:
                                 continue
-                            for col, wx in ((qa, hx), (qb, lx)):
-                                w = wy * wx / count
-                                if w == 0:
-                                    continue
-                                pixel = band[row - r0, col]
-                                for c in range(channels):
-                                    pixel[c] += w * g[c]
+                            for col, wx in ((xa, hx), (xb, lx)):
+                                w = wy * wx
+                                if w != 0:
+                                    _add_channels(band[row - r0, col], w / count, g, channels)
+                for cell in range(rows * cols):
+                    w = patch[cell]
+                    row = p0 + cell // cols
+                    if w != 0:
+                        patch[cell] = 0
+                        if r0 <= row < r1:  # the patch may straddle the band: rows outside are another job's
+                            _add_channels(band[row - r0, q0 + cell % cols], w / count, g, channels)
     store_band(grad_feat, band, b, r0, planar)
 
 
@@ -155,33 +275,35 @@ def _backward_rois(grad, feat, geo, grid, extent, fixed, batch, lo, hi, pooled_h
     """d/d(cx, cy, w, h, theta) of boxes ``[lo, hi)`` in scaled pixels and radians, float64."""
     n_img, height, width, channels = feat.shape
     g = np.empty(channels, dtype=feat.dtype)
+    y_first, y_count, yc, ys, x_first, x_count, xc, xs, _ = _tables(geo, grid, extent, lo, hi, pooled_h,
+                                                                    pooled_w, T)
     for k in range(lo, hi):
         if grid[k, 0] < 0:
             grad_rois[k, :] = np.nan
             continue
         b = batch[k]
+        cx, cy = geo[k, 0], geo[k, 1]
         cos, sin = np.float64(geo[k, 4]), np.float64(geo[k, 5])
         gh, gw = np.float64(max(grid[k, 0], 1)), np.float64(max(grid[k, 1], 1))
         count = max(np.float64(grid[k, 0]) * np.float64(grid[k, 1]), 1.0)
+        _fill(geo, grid, extent, k, pooled_h, 0, T, y_first, y_count, yc, ys)
+        _fill(geo, grid, extent, k, pooled_w, 1, T, x_first, x_count, xc, xs)
         d_cx = d_cy = d_w = d_h = d_t = 0.0
         for ph in range(pooled_h):
-            y0, y1 = _sample_range(geo, grid, extent, k, ph, pooled_h, 0, T)
             for pw in range(pooled_w):
-                x0, x1 = _sample_range(geo, grid, extent, k, pw, pooled_w, 1, T)
                 for c in range(channels):
                     g[c] = grad[k, c, ph * pooled_w + pw]
-                for iy in range(y0, y1):
-                    yy = _local(geo, grid, k, ph, iy, pooled_h, 0, T)
-                    ty = (ph + (iy + 0.5) / gh) / pooled_h - 0.5  # d yy / d h
-                    for ix in range(x0, x1):
-                        xx = _local(geo, grid, k, pw, ix, pooled_w, 1, T)
-                        tx = (pw + (ix + 0.5) / gw) / pooled_w - 0.5
-                        y, x = _position(geo, k, yy, xx)
+                for jy in range(y_count[ph]):
+                    ty = (ph + (y_first[ph] + jy + 0.5) / gh) / pooled_h - 0.5  # d yy / d h
+                    for ix in range(x_count[pw]):
+                        tx = (pw + (x_first[pw] + ix + 0.5) / gw) / pooled_w - 0.5
+                        y = yc[ph, jy] - xs[pw, ix] + cy
+                        x = ys[ph, jy] + xc[pw, ix] + cx
                         if y < -1 or y > height or x < -1 or x > width:
                             continue
-                        r0, r1, ly, moves_y = _axis(y, height, T)
-                        q0, q1, lx, moves_x = _axis(x, width, T)
-                        p00, p01, p10, p11 = feat[b, r0, q0], feat[b, r0, q1], feat[b, r1, q0], feat[b, r1, q1]
+                        ya, yb, ly, moves_y = _axis(y, height, T)
+                        xa, xb, lx, moves_x = _axis(x, width, T)
+                        p00, p01, p10, p11 = feat[b, ya, xa], feat[b, ya, xb], feat[b, yb, xa], feat[b, yb, xb]
                         s00 = s01 = s10 = s11 = T(0.0)
                         for c in range(channels):
                             s00 += g[c] * p00[c]
@@ -192,12 +314,14 @@ def _backward_rois(grad, feat, geo, grid, extent, fixed, batch, lo, hi, pooled_h
                         ly64, lx64 = np.float64(ly), np.float64(lx)
                         sy = (hx * (s10 - s00) + lx64 * (s11 - s01)) if moves_y else 0.0
                         sx = (hy * (s01 - s00) + ly64 * (s11 - s10)) if moves_x else 0.0
-                        yy64, xx64 = np.float64(yy), np.float64(xx)
+                        # d(y, x) / d theta = (-(x - cx), y - cy), from the tabulated products.
+                        dy_dt = -(np.float64(ys[ph, jy]) + np.float64(xc[pw, ix]))
+                        dx_dt = np.float64(yc[ph, jy]) - np.float64(xs[pw, ix])
                         d_cx += sx
                         d_cy += sy
                         d_w += tx * (sx * cos - sy * sin)
                         d_h += ty * (sy * cos + sx * sin)
-                        d_t += sx * (yy64 * cos - xx64 * sin) - sy * (yy64 * sin + xx64 * cos)
+                        d_t += sx * dx_dt + sy * dy_dt
         grad_rois[k, 0] = d_cx / count
         grad_rois[k, 1] = d_cy / count
         grad_rois[k, 2] = 0.0 if fixed[k, 0] else d_w / count
