@@ -25,8 +25,8 @@ def pytest_configure(config):
                     f"{numpy.__version__} ({problem}); triton <= 3.5 needs numpy < 2.4 for them", returncode=3)
 
 # The interpreter runs each Triton program in Python: it gets every k-th case of the long tables,
-# and the modules below (correctness, peers, layouts, bad input); opcheck, compile and gradcheck
-# of this backend belong to a GPU run.
+# and the modules below (correctness, peers, layouts, bad input), less the tests marked
+# ``interpreter_heavy``; opcheck, compile and gradcheck of this backend belong to a GPU run.
 INTERPRETED_STRIDE = {"seed": 10}
 INTERPRETED_MODULES = {"test_bands.py", "test_correctness.py", "test_errors.py", "test_layouts.py", "test_onnx_peer.py",
                        "test_rotated.py"}
@@ -55,6 +55,7 @@ def pytest_collection_modifyitems(config, items):
         interpreted = params.get("backend") == "triton"
         seed = params.get("seed")
         skip = interpreted and (item.path.name not in INTERPRETED_MODULES
+                                or item.get_closest_marker("interpreter_heavy") is not None
                                 or (seed is not None and seed % INTERPRETED_STRIDE["seed"] != 0))
         (drop if skip else keep).append(item)
     if drop:

@@ -131,6 +131,7 @@ def test_spatial_scale_scales_the_box(backend):
     torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+@pytest.mark.interpreter_heavy
 @pytest.mark.parametrize("transpose", [False, True])
 def test_detectron2_gradcheck(backend, transpose):
     x = torch.rand(1, 1, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -258,6 +259,7 @@ def test_oracle_input_gradient_is_the_adjoint():
     np.testing.assert_allclose((out * g).sum(), (x * gx).sum(), rtol=1e-12)
 
 
+@pytest.mark.interpreter_heavy
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("unit", ["degrees", "radians"])
 def test_gradcheck_input_and_boxes(backend, aligned, unit):
@@ -319,6 +321,7 @@ def test_non_finite_boxes_give_nan_for_that_box_only(backend):
     assert torch.isnan(rois.grad[1:, 1:]).all() and torch.isfinite(rois.grad[0]).all()
 
 
+@pytest.mark.interpreter_heavy
 def test_deterministic_and_thread_independent(backend):
     x, rois, scale, pooled, sr, aligned, clockwise, degrees = random_rotated_case(21)
     x = torch.randn(2, 16, 30, 40)

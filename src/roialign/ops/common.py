@@ -11,6 +11,29 @@ from torch import Tensor
 from .. import _backend
 
 
+def check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int, fields: str) -> None:
+    """Shape, dtype and device checks of an operator's features and boxes; ``fields`` names the
+    box columns (``rois`` must be ``[K, len(fields)]``). Shared by real and fake implementations."""
+    if input.dim() != 4:
+        raise ValueError(f"input must be a 4-D tensor [N, C, H, W]; got {input.dim()}-D with shape {list(input.shape)}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"input must be a floating-point tensor; got dtype {input.dtype}")
+    width = len(fields.split(","))
+    if rois.dim() != 2 or rois.shape[1] != width:
+        raise ValueError(f"rois must have shape [K, {width}] ({fields}); got {list(rois.shape)}")
+    if not rois.dtype.is_floating_point:
+        raise TypeError(f"rois must be a floating-point tensor; got dtype {rois.dtype}")
+    if input.device != rois.device:
+        raise ValueError(f"input and rois must be on the same device; got input on {input.device} and rois on {rois.device}")
+    if pooled_height <= 0 or pooled_width <= 0:
+        raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
+
+
+def is_channels_last(input: Tensor) -> bool:
+    """True for a channels_last input (NHWC in memory) that is not also NCHW-contiguous."""
+    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+
+
 def check_batch_index(rois: Tensor, batch_size: int) -> None:
     """IndexError unless every box's batch index is an integer in [0, batch_size).
 

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .. import _backend
 from ..kernels.reference.common import compute_dtype
-from .common import check_batch_index
-from .roi_align import _backward_input, _backward_rois, _channels_last, _check_tensors, _forward
+from .common import check_batch_index, is_channels_last
+from .roi_align import _backward_input, _backward_rois, _check_tensors, _forward
 
 __all__ = ["multiscale_roi_align", "multiscale_roi_align_backward", "multiscale_roi_align_backward_rois"]
 
@@ -134,7 +134,7 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (scales, pooled_height, pooled_width, sampling_ratio, aligned)
     ctx.sizes = [int(s) for f in features for s in f.shape]
     ctx.dtypes = [_DTYPES.index(f.dtype) for f in features]
-    ctx.channels_last = [_channels_last(f) for f in features]
+    ctx.channels_last = [is_channels_last(f) for f in features]
 
 
 def _backward(ctx, grad):

@@ -13,30 +13,13 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, checked_rois, register_triton_decomposition
+from .common import check_batch_index, check_tensors, checked_rois, is_channels_last, register_triton_decomposition
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_backward_rois"]
 
 
 def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> None:
-    """Shape, dtype and device checks shared by the real and the fake implementations."""
-    if input.dim() != 4:
-        raise ValueError(f"input must be a 4-D tensor [N, C, H, W]; got {input.dim()}-D with shape {list(input.shape)}")
-    if not input.dtype.is_floating_point:
-        raise TypeError(f"input must be a floating-point tensor; got dtype {input.dtype}")
-    if rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(f"rois must have shape [K, 5] (batch index, x1, y1, x2, y2); got {list(rois.shape)}")
-    if not rois.dtype.is_floating_point:
-        raise TypeError(f"rois must be a floating-point tensor; got dtype {rois.dtype}")
-    if input.device != rois.device:
-        raise ValueError(f"input and rois must be on the same device; got input on {input.device} and rois on {rois.device}")
-    if pooled_height <= 0 or pooled_width <= 0:
-        raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
-
-
-def _channels_last(input: Tensor) -> bool:
-    """True for a channels_last input (NHWC in memory) that is not also NCHW-contiguous."""
-    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    check_tensors(input, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2")
 
 
 @torch.library.custom_op("roialign::roi_align", mutates_args=())
@@ -115,7 +98,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(rois, input if ctx.needs_input_grad[1] else None)
     ctx.params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
     ctx.input_shape = tuple(input.shape)
-    ctx.channels_last = _channels_last(input)
+    ctx.channels_last = is_channels_last(input)
 
 
 def _backward(ctx, grad):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index
+from .common import check_batch_index, check_tensors, is_channels_last
 
 __all__ = ["roi_align_rotated", "roi_align_rotated_backward", "roi_align_rotated_backward_rois"]
 
@@ -22,20 +22,7 @@ _OPERATOR = "roi_align_rotated"
 
 
 def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> None:
-    """Shape, dtype and device checks shared by the real and the fake implementations."""
-    if input.dim() != 4:
-        raise ValueError(f"input must be a 4-D tensor [N, C, H, W]; got {input.dim()}-D with shape {list(input.shape)}")
-    if not input.dtype.is_floating_point:
-        raise TypeError(f"input must be a floating-point tensor; got dtype {input.dtype}")
-    if rois.dim() != 2 or rois.shape[1] != 6:
-        raise ValueError("rois must have shape [K, 6] (batch index, centre x, centre y, width, height, angle); "
-                         f"got {list(rois.shape)}")
-    if not rois.dtype.is_floating_point:
-        raise TypeError(f"rois must be a floating-point tensor; got dtype {rois.dtype}")
-    if input.device != rois.device:
-        raise ValueError(f"input and rois must be on the same device; got input on {input.device} and rois on {rois.device}")
-    if pooled_height <= 0 or pooled_width <= 0:
-        raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
+    check_tensors(input, rois, pooled_height, pooled_width, "batch index, centre x, centre y, width, height, angle")
 
 
 def check_sizes(rois: Tensor) -> None:
@@ -47,10 +34,6 @@ def check_sizes(rois: Tensor) -> None:
         k = int(bad.nonzero()[0, 0])
         raise ValueError(f"rois[:, 3:5] (width, height) must be >= 0; rois[{k}] has width {float(rois[k, 3])} "
                          f"and height {float(rois[k, 4])}")
-
-
-def _channels_last(input: Tensor) -> bool:
-    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
 
 
 @torch.library.custom_op("roialign::roi_align_rotated", mutates_args=())
@@ -119,7 +102,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(rois, input if ctx.needs_input_grad[1] else None)
     ctx.params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise, degrees)
     ctx.input_shape = tuple(input.shape)
-    ctx.channels_last = _channels_last(input)
+    ctx.channels_last = is_channels_last(input)
 
 
 def _backward(ctx, grad):

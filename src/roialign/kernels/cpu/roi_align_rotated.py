@@ -144,6 +144,21 @@ def _bin_patch(geo, k, ph, pw, pooled_h, pooled_w, height, width, taps):
 
 
 @numba.njit(inline="always", **JIT)
+def _merge(patch, r0, q0, rows, cols, ya, yb, xa, xb, hy, hx, ly, lx):
+    """Add a sample's four weights to the bin's patch if all four taps lie in it (a clamped
+    axis adds twice to one cell); False when they do not (the caller reads them itself)."""
+    if rows == 0 or ya < r0 or yb >= r0 + rows or xa < q0 or xb >= q0 + cols:
+        return False
+    cell = (ya - r0) * cols + (xa - q0)
+    down, right = (yb - ya) * cols, xb - xa
+    patch[cell] += hy * hx
+    patch[cell + right] += hy * lx
+    patch[cell + down] += ly * hx
+    patch[cell + down + right] += ly * lx
+    return True
+
+
+@numba.njit(inline="always", **JIT)
 def _add_channels(acc, w, pixel, channels):
     for c in range(channels):
         acc[c] += w * pixel[c]
@@ -183,15 +198,7 @@ def _forward(feat, geo, grid, extent, batch, lo, hi, pooled_h, pooled_w, T, out)
                         ya, yb, ly, _ = _axis(y, height, T)
                         xa, xb, lx, _ = _axis(x, width, T)
                         hy, hx = T(1.0) - ly, T(1.0) - lx
-                        if rows > 0 and ya >= r0 and yb < r0 + rows and xa >= q0 and xb < q0 + cols:
-                            # Merge: add the four weights to the patch (a clamped axis adds twice to one cell).
-                            cell = (ya - r0) * cols + (xa - q0)
-                            down, right = (yb - ya) * cols, xb - xa
-                            patch[cell] += hy * hx
-                            patch[cell + right] += hy * lx
-                            patch[cell + down] += ly * hx
-                            patch[cell + down + right] += ly * lx
-                        else:
+                        if not _merge(patch, r0, q0, rows, cols, ya, yb, xa, xb, hy, hx, ly, lx):
                             w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx
                             p00, p01, p10, p11 = feat[b, ya, xa], feat[b, ya, xb], feat[b, yb, xa], feat[b, yb, xb]
                             for c in range(channels):
@@ -245,13 +252,7 @@ def _backward_input_rows(grad_t, geo, grid, extent, order, lo, hi, rows_of_box, 
                             continue
                         xa, xb, lx, _ = _axis(x, width, T)
                         hy, hx = T(1.0) - ly, T(1.0) - lx
-                        if rows > 0 and ya >= p0 and yb < p0 + rows and xa >= q0 and xb < q0 + cols:
-                            cell = (ya - p0) * cols + (xa - q0)
-                            down, right = (yb - ya) * cols, xb - xa
-                            patch[cell] += hy * hx
-                            patch[cell + right] += hy * lx
-                            patch[cell + down] += ly * hx
-                            patch[cell + down + right] += ly * lx
+                        if _merge(patch, p0, q0, rows, cols, ya, yb, xa, xb, hy, hx, ly, lx):
                             continue
                         for row, wy in ((ya, hy), (yb, ly)):
                             if row < r0 or row >= r1:
