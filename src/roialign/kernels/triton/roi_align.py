@@ -28,7 +28,7 @@ from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
 from .common import block_c, launcher
 
-_MAX_GRID = 2**30
+_MAX_GRID = tl.constexpr(2**30)  # a constexpr: compiled kernels may read no other global
 _BAND_ROWS = 8  # rows of grad_input owned by one program
 _BACKWARD_BLOCK_C = 64  # channels per program in the input gradient: 256 contiguous bytes in float32
 
