@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import oracle
 import oracle_rotated
 import roialign
 from cases import random_case
