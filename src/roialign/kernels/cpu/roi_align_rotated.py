@@ -46,6 +46,19 @@ def _axis(pos, size, T):
 
 
 @numba.njit(inline="always", **JIT)
+def _sample(yc, ys, xc, xs, ph, pw, j, i, cy, cx, height, width, T):
+    """Sample ``(j, i)`` of bin ``(ph, pw)`` from the box's tables: whether it lands on the map,
+    then its rows, columns, fractions and whether each axis moves it (see :func:`_axis`)."""
+    y = yc[ph, j] - xs[pw, i] + cy
+    x = ys[ph, j] + xc[pw, i] + cx
+    if y < -1 or y > height or x < -1 or x > width:
+        return False, 0, 0, 0, 0, T(0.0), T(0.0), False, False
+    ya, yb, ly, moves_y = _axis(y, height, T)
+    xa, xb, lx, moves_x = _axis(x, width, T)
+    return True, ya, yb, xa, xb, ly, lx, moves_y, moves_x
+
+
+@numba.njit(inline="always", **JIT)
 def _local(geo, grid, k, p, i, pooled, axis, T):
     """Box-local coordinate of sample ``i`` of bin ``p`` along box axis 0 (y, height) or 1 (x, width)."""
     size = geo[k, 3 - axis]
@@ -191,12 +204,10 @@ def _forward(feat, geo, grid, extent, batch, lo, hi, pooled_h, pooled_w, T, out)
                                                 4 * y_count[ph] * x_count[pw])
                 for j in range(y_count[ph]):
                     for i in range(x_count[pw]):
-                        y = yc[ph, j] - xs[pw, i] + cy
-                        x = ys[ph, j] + xc[pw, i] + cx
-                        if y < -1 or y > height or x < -1 or x > width:
+                        on_map, ya, yb, xa, xb, ly, lx, _, _ = _sample(yc, ys, xc, xs, ph, pw, j, i, cy, cx, height,
+                                                                       width, T)
+                        if not on_map:
                             continue
-                        ya, yb, ly, _ = _axis(y, height, T)
-                        xa, xb, lx, _ = _axis(x, width, T)
                         hy, hx = T(1.0) - ly, T(1.0) - lx
                         if not _merge(patch, r0, q0, rows, cols, ya, yb, xa, xb, hy, hx, ly, lx):
                             w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx
@@ -243,14 +254,10 @@ def _backward_input_rows(grad_t, geo, grid, extent, order, lo, hi, rows_of_box, 
                 g = grad_t[k, ph * pooled_w + pw]
                 for jy in range(y_count[ph]):
                     for ix in range(x_count[pw]):
-                        y = yc[ph, jy] - xs[pw, ix] + cy
-                        x = ys[ph, jy] + xc[pw, ix] + cx
-                        if y < -1 or y > height or x < -1 or x > width:
+                        on_map, ya, yb, xa, xb, ly, lx, _, _ = _sample(yc, ys, xc, xs, ph, pw, jy, ix, cy, cx,
+                                                                       height, width, T)
+                        if not on_map or yb < r0 or ya >= r1:
                             continue
-                        ya, yb, ly, _ = _axis(y, height, T)
-                        if yb < r0 or ya >= r1:
-                            continue
-                        xa, xb, lx, _ = _axis(x, width, T)
                         hy, hx = T(1.0) - ly, T(1.0) - lx
                         if _merge(patch, p0, q0, rows, cols, ya, yb, xa, xb, hy, hx, ly, lx):
                             continue
@@ -298,12 +305,10 @@ def _backward_rois(grad, feat, geo, grid, extent, fixed, batch, lo, hi, pooled_h
                     ty = (ph + (y_first[ph] + jy + 0.5) / gh) / pooled_h - 0.5  # d yy / d h
                     for ix in range(x_count[pw]):
                         tx = (pw + (x_first[pw] + ix + 0.5) / gw) / pooled_w - 0.5
-                        y = yc[ph, jy] - xs[pw, ix] + cy
-                        x = ys[ph, jy] + xc[pw, ix] + cx
-                        if y < -1 or y > height or x < -1 or x > width:
+                        on_map, ya, yb, xa, xb, ly, lx, moves_y, moves_x = _sample(yc, ys, xc, xs, ph, pw, jy, ix, cy,
+                                                                                   cx, height, width, T)
+                        if not on_map:
                             continue
-                        ya, yb, ly, moves_y = _axis(y, height, T)
-                        xa, xb, lx, moves_x = _axis(x, width, T)
                         p00, p01, p10, p11 = feat[b, ya, xa], feat[b, ya, xb], feat[b, yb, xa], feat[b, yb, xb]
                         s00 = s01 = s10 = s11 = T(0.0)
                         for c in range(channels):
