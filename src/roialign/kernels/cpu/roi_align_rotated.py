@@ -99,10 +99,10 @@ def _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T):
 
 
 @numba.njit(**JIT)
-def _tables(geo, grid, extent, lo, hi, pooled_h, pooled_w, T):
-    """Buffers for :func:`_fill`, large enough for every box of ``[lo, hi)``: first and count, then
-    the products with cos and with sin, along y then along x; and the merge buffer of a bin."""
-    cap_y, cap_x = _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T)
+def _tables(cap_y, cap_x, pooled_h, pooled_w, T):
+    """Buffers for :func:`_fill` holding ``cap_y`` and ``cap_x`` samples per bin (see
+    :func:`_table_capacity`): first and count, then the products with cos and with sin, along y
+    then along x; and the merge buffer of a bin."""
     return (np.empty(pooled_h, np.int64), np.empty(pooled_h, np.int64), np.empty((pooled_h, cap_y), T),
             np.empty((pooled_h, cap_y), T), np.empty(pooled_w, np.int64), np.empty(pooled_w, np.int64),
             np.empty((pooled_w, cap_x), T), np.empty((pooled_w, cap_x), T), np.zeros(_MERGE_CELLS, T))
@@ -186,8 +186,8 @@ def _add_channels(acc, w, pixel, channels):
 def _forward(feat, geo, grid, extent, batch, lo, hi, pooled_h, pooled_w, T, out):
     n_img, height, width, channels = feat.shape
     acc = np.empty(channels, dtype=feat.dtype)
-    y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(geo, grid, extent, lo, hi, pooled_h,
-                                                                        pooled_w, T)
+    cap_y, cap_x = _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T)
+    y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(cap_y, cap_x, pooled_h, pooled_w, T)
     for k in range(lo, hi):
         if grid[k, 0] < 0:  # non-finite box
             out[k, :, :] = np.nan
@@ -225,22 +225,18 @@ def _forward(feat, geo, grid, extent, batch, lo, hi, pooled_h, pooled_w, T, out)
 
 @numba.njit(**JIT)
 def _backward_input_rows(grad_t, geo, grid, extent, order, lo, hi, rows_of_box, b, r0, r1, pooled_h, pooled_w, T,
-                         grad_feat, planar):
+                         cap_y, cap_x, grad_feat, planar):
     """Rows ``[r0, r1)`` of image ``b`` of the input gradient, over the image's boxes
-    ``order[lo:hi]`` in order (``grad_t`` is [K, PH * PW, C]). Each call owns its rows."""
+    ``order[lo:hi]`` in order (``grad_t`` is [K, PH * PW, C]; ``cap_y``, ``cap_x`` the table
+    capacity of every box, computed once per call of the launcher). Each call owns its rows."""
     band = band_of(grad_feat, b, r0, r1, planar)
     width, channels = band.shape[1], band.shape[2]
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]
-    y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(geo, grid, extent, 0, 0, pooled_h,
-                                                                        pooled_w, T)
+    y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(cap_y, cap_x, pooled_h, pooled_w, T)
     for j in range(lo, hi):
         k = order[j]
         if grid[k, 0] < 0 or rows_of_box[k, 1] < r0 or rows_of_box[k, 0] >= r1:
             continue
-        cap_y, cap_x = _table_capacity(geo, grid, extent, k, k + 1, pooled_h, pooled_w, T)
-        if cap_y > yc.shape[1] or cap_x > xc.shape[1]:
-            y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(geo, grid, extent, k, k + 1,
-                                                                                pooled_h, pooled_w, T)
         cx, cy = geo[k, 0], geo[k, 1]
         count = T(max(np.float64(grid[k, 0]) * np.float64(grid[k, 1]), 1.0))
         _fill(geo, grid, extent, k, pooled_h, 0, T, y_first, y_count, yc, ys)
@@ -283,8 +279,8 @@ def _backward_rois(grad, feat, geo, grid, extent, fixed, batch, lo, hi, pooled_h
     """d/d(cx, cy, w, h, theta) of boxes ``[lo, hi)`` in scaled pixels and radians, float64."""
     n_img, height, width, channels = feat.shape
     g = np.empty(channels, dtype=feat.dtype)
-    y_first, y_count, yc, ys, x_first, x_count, xc, xs, _ = _tables(geo, grid, extent, lo, hi, pooled_h,
-                                                                    pooled_w, T)
+    cap_y, cap_x = _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T)
+    y_first, y_count, yc, ys, x_first, x_count, xc, xs, _ = _tables(cap_y, cap_x, pooled_h, pooled_w, T)
     for k in range(lo, hi):
         if grid[k, 0] < 0:
             grad_rois[k, :] = np.nan
@@ -397,8 +393,9 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
         grad_input = empty((batch_size, channels, height, width), dtype)
         target, result = grad_input.numpy(), grad_input
     band = max(1, _BAND_BYTES // max(1, width * channels * grad_input.element_size()))
+    cap_y, cap_x = _table_capacity(table, grid, extent, 0, table.shape[0], pooled_height, pooled_width, T)
     jobs = [(grad_t, table, grid, extent, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0,
-             min(height, r0 + band), pooled_height, pooled_width, T, target, not channels_last)
+             min(height, r0 + band), pooled_height, pooled_width, T, cap_y, cap_x, target, not channels_last)
             for b in range(batch_size) for r0 in range(0, height, band)]
     workers.run(_backward_input_rows, jobs)
     return result if dtype == grad.dtype else result.to(grad.dtype)
