@@ -24,8 +24,10 @@ def _needs_cuda():
 
 
 def _both(case, dtype, device):
-    x = case.x.to(device, dtype).requires_grad_()
-    rois = case.rois.to(device, dtype).requires_grad_()
+    # detach() first: for float64 on the CPU, to() returns the case's own tensor, and the case
+    # must not be turned into a leaf that requires grad (the CUDA copy would then be no leaf).
+    x = case.x.detach().to(device, dtype).requires_grad_()
+    rois = case.rois.detach().to(device, dtype).requires_grad_()
     out = torch.ops.roialign.roi_align(x, rois, *case.args())
     out.backward(torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).reshape(out.shape))
     return [t.detach().cpu().double() for t in (out, x.grad, rois.grad)]
@@ -114,8 +116,8 @@ def test_cuda_rotated_matches_cpu(seed, dtype):
     unit = "degrees" if degrees else "radians"
 
     def run(device):
-        xt = x.to(device, dtype).requires_grad_()
-        rt = rois.to(device).requires_grad_()
+        xt = x.detach().to(device, dtype).requires_grad_()  # detach(): see _both
+        rt = rois.detach().to(device).requires_grad_()
         out = roialign.roi_align_rotated(xt, rt, pooled, scale, sr, aligned=aligned, clockwise=clockwise,
                                          angle_unit=unit)
         out.backward(torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).reshape(out.shape))
