@@ -61,7 +61,7 @@ KERNELS = {
             pointers=dict(grad_ptr=COMPUTE, coords_ptr=COMPUTE, order_ptr="i32", spans_ptr="i32", bounds_ptr="i32",
                           out_ptr=COMPUTE),
             # BAND = _BAND_ROWS, BLOCK_C = block_c(C, _BACKWARD_BLOCK_C), num_warps = BLOCK_C // 32
-            typical=dict(BAND=8, ALIGNED=(True, False), BLOCK_C=64, num_warps=2),
+            typical=dict(BAND=(1, 8), ALIGNED=(True, False), BLOCK_C=64, num_warps=2),
             ones=dict(BAND=8, ALIGNED=False, BLOCK_C=16, num_warps=1)),
         "_backward_rois_kernel": dict(
             # grad_ptr: the output's gradient as autograd hands it over, in the input's dtype
@@ -74,12 +74,12 @@ KERNELS = {
             pointers=dict(x_ptr=FEATURE, params_ptr="fp64", first_ptr="i64", count_ptr="i32", base_ptr="fp64",
                           batch_ptr="i32", out_ptr=COMPUTE),
             # BLOCK_C, BLOCK_BINS, BLOCK_S = _tile(C, PH, PW, sampling_ratio)
-            typical=dict(BLOCK_C=16, BLOCK_BINS=64, BLOCK_S=4),
-            ones=dict(BLOCK_C=16, BLOCK_BINS=1, BLOCK_S=1)),
+            typical=dict(BLOCK_C=16, BLOCK_BINS=64, BLOCK_S=4, num_warps=8),
+            ones=dict(BLOCK_C=16, BLOCK_BINS=1, BLOCK_S=1, num_warps=8)),
         "_backward_input_kernel": dict(
             pointers=dict(grad_ptr=COMPUTE, params_ptr="fp64", first_ptr="i64", count_ptr="i32", base_ptr="fp64",
                           order_ptr="i32", spans_ptr="i32", bounds_ptr="i32", out_ptr=COMPUTE),
-            typical=dict(BAND=8, BLOCK_C=64, num_warps=2),
+            typical=dict(BAND=(1, 8), BLOCK_C=64, num_warps=2),
             ones=dict(BAND=8, BLOCK_C=16, num_warps=1)),
         "_backward_rois_kernel": dict(
             pointers=dict(grad_ptr=FEATURE, x_ptr=FEATURE, params_ptr="fp64", first_ptr="i64", count_ptr="i32",

@@ -26,11 +26,14 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
-from .common import block_c, launcher
+from .common import block_c, channels_last_on_gpu, launcher
 
 _MAX_GRID = tl.constexpr(2**30)  # a constexpr: compiled kernels may read no other global
-_BAND_ROWS = 8  # rows of grad_input owned by one program
+_BAND_ROWS = 1  # rows of grad_input owned by one program (tune_cuda.py on an H200: 1 beat 2, 4 and 8)
 _BACKWARD_BLOCK_C = 64  # channels per program in the input gradient: 256 contiguous bytes in float32
+_BACKWARD_WARPS = 0  # warps per input-gradient program; 0: one per 32 channels
+_FORWARD_TILE = 4096  # elements of a forward [channels x bins] tile
+_FORWARD_WARPS = 4  # warps per forward program
 
 
 @triton.jit
@@ -298,15 +301,17 @@ def _scaled_boxes(rois: Tensor, spatial_scale: float, aligned: bool, dtype: torc
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
             sampling_ratio: int, aligned: bool) -> Tensor:
+    input = channels_last_on_gpu(input)
     n, c, h, w = input.shape
     k = rois.shape[0]
     coords, batch = _scaled_boxes(rois, spatial_scale, aligned, compute_dtype(input.dtype))
     out = torch.empty((k, c, pooled_height, pooled_width), dtype=input.dtype, device=input.device)
     bins = triton.next_power_of_2(pooled_height * pooled_width)
-    block = max(1, min(block_c(c), 4096 // bins))
+    block = max(1, min(block_c(c), _FORWARD_TILE // bins))
     grid = (k, triton.cdiv(c, block))
     launcher(_forward_kernel)[grid](input, coords, batch, out, n, c, h, w, *input.stride(), pooled_height,
-                                     pooled_width, sampling_ratio, ALIGNED=aligned, BLOCK_C=block, BLOCK_BINS=bins)
+                                     pooled_width, sampling_ratio, ALIGNED=aligned, BLOCK_C=block, BLOCK_BINS=bins,
+                                     num_warps=_FORWARD_WARPS)
     return out
 
 
@@ -328,13 +333,14 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     launcher(_backward_input_kernel)[grid](grad_t, coords, order.to(torch.int32), spans, bounds.to(torch.int32), out,
                                             channels, height, width, pooled_height, pooled_width, sampling_ratio,
                                             n_bands, BAND=_BAND_ROWS, ALIGNED=aligned, BLOCK_C=block,
-                                            num_warps=max(1, block // 32))
+                                            num_warps=_BACKWARD_WARPS or max(1, block // 32))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return out.permute(0, 3, 1, 2).to(grad.dtype, memory_format=memory_format)
 
 
 def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                   pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    input = channels_last_on_gpu(input)
     n, c, h, w = input.shape
     k = rois.shape[0]
     dtype = compute_dtype(input.dtype)

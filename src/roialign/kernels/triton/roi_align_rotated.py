@@ -33,12 +33,14 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span, rotation, sample_range
 from ..reference.roi_align_rotated import geometry
-from .common import block_c, launcher
+from .common import block_c, channels_last_on_gpu, launcher
 
-_BAND_ROWS = 8  # rows of grad_input owned by one program
+_BAND_ROWS = 1  # rows of grad_input owned by one program (tune_cuda.py on an H200: 1 beat 2, 4 and 8)
 _BACKWARD_BLOCK_C = 64  # channels per program in the input gradient: 256 contiguous bytes in float32
 _TILE = 4096  # elements of a [channels x bins x samples] tile
 _ADAPTIVE_SAMPLES = 64  # samples per bin and step when their number is adaptive
+_FORWARD_WARPS = 8  # warps per forward program (tune_cuda.py on an H200: 8 beat 4)
+_BACKWARD_WARPS = 0  # warps per input-gradient program; 0: one per 32 channels
 _MAX_COUNT = 2**31 - 1
 
 
@@ -135,22 +137,23 @@ def _forward_kernel(x_ptr, params_ptr, first_ptr, count_ptr, base_ptr, batch_ptr
     ok = (b >= 0) & (b < N)
     plane = (x_ptr + b.to(tl.int64) * sxn + c.to(tl.int64) * sxc)[:, None, None]
     cmask3 = cmask[:, None, None]
-    s = tl.arange(0, BLOCK_S)[None, :]
+    # The sample math runs on [1 x bins x samples] tensors, not [bins x samples] ones expanded
+    # later: Triton 3.4-3.7 fail to compile some tile shapes of the latter (mismatched layouts).
+    s = tl.arange(0, BLOCK_S)[None, None, :]
     acc = tl.zeros((BLOCK_C, BLOCK_BINS), acc_dtype)
     for q0 in range(0, tl.max(ny.to(tl.int64) * nx, 0), BLOCK_S):
-        valid, iy, ix, yy, xx = _grid_sample(q0 + s, fy[:, None], ny[:, None], by[:, None], fx[:, None],
-                                             nx[:, None], bx[:, None], bin_h, bin_w, grid_h, grid_w)
+        valid, iy, ix, yy, xx = _grid_sample(q0 + s, fy[None, :, None], ny[None, :, None], by[None, :, None],
+                                             fx[None, :, None], nx[None, :, None], bx[None, :, None], bin_h, bin_w,
+                                             grid_h, grid_w)
         inside, ylo, yhi, ly, my, xlo, xhi, lx, mx = _sample(yy, xx, cx, cy, cos, sin, H, W, valid & ok)
-        m = cmask3 & inside[None, :, :]
-        f00 = tl.load(plane + (ylo * sxh + xlo * sxw)[None, :, :], mask=m, other=0.0).to(acc_dtype)
-        f01 = tl.load(plane + (ylo * sxh + xhi * sxw)[None, :, :], mask=m, other=0.0).to(acc_dtype)
-        f10 = tl.load(plane + (yhi * sxh + xlo * sxw)[None, :, :], mask=m, other=0.0).to(acc_dtype)
-        f11 = tl.load(plane + (yhi * sxh + xhi * sxw)[None, :, :], mask=m, other=0.0).to(acc_dtype)
-        hy = (1.0 - ly)[None, :, :]
-        hx = (1.0 - lx)[None, :, :]
-        lyb = ly[None, :, :]
-        lxb = lx[None, :, :]
-        acc += tl.sum((hy * hx) * f00 + (hy * lxb) * f01 + (lyb * hx) * f10 + (lyb * lxb) * f11, axis=2)
+        m = cmask3 & inside
+        f00 = tl.load(plane + (ylo * sxh + xlo * sxw), mask=m, other=0.0).to(acc_dtype)
+        f01 = tl.load(plane + (ylo * sxh + xhi * sxw), mask=m, other=0.0).to(acc_dtype)
+        f10 = tl.load(plane + (yhi * sxh + xlo * sxw), mask=m, other=0.0).to(acc_dtype)
+        f11 = tl.load(plane + (yhi * sxh + xhi * sxw), mask=m, other=0.0).to(acc_dtype)
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        acc += tl.sum((hy * hx) * f00 + (hy * lx) * f01 + (ly * hx) * f10 + (ly * lx) * f11, axis=2)
     offsets = (k * C + c[:, None]) * bins + j[None, :]
     tl.store(out_ptr + offsets, acc / count, mask=cmask[:, None] & jmask[None, :])
 
@@ -164,7 +167,7 @@ def _backward_input_kernel(grad_ptr, params_ptr, first_ptr, count_ptr, base_ptr,
     contiguous channels. The image's boxes are walked in a fixed order (``order``, grouped by
     image); ``spans`` holds, in the same order, the rows each box can touch, so that boxes that
     miss the band cost two loads, and so do bins whose centre is too far from it. Samples go
-    one at a time (two of them may share a pixel); the four taps of one are a [4 x channels]
+    one at a time (two of them may share a pixel); each of its four taps is a [channels]
     read-modify-write, the taps outside the band, or repeated at the map's edge, masked."""
     pid = tl.program_id(0)
     b = pid // n_bands
@@ -172,10 +175,7 @@ def _backward_input_kernel(grad_ptr, params_ptr, first_ptr, count_ptr, base_ptr,
     r1 = r0 + BAND
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    image = out_ptr + b.to(tl.int64) * H * W * C + c[None, :]
-    tap = tl.arange(0, 4)
-    top = tap < 2  # taps (low row, low col), (low, high), (high, low), (high, high)
-    left = (tap % 2) == 0
+    image = out_ptr + b.to(tl.int64) * H * W * C + c
     dt = grad_ptr.dtype.element_ty
     like = tl.zeros((), dt)
     # The per-sample loop is written out (no helpers), with int64 indices: the interpreter pays
@@ -211,7 +211,7 @@ def _backward_input_kernel(grad_ptr, params_ptr, first_ptr, count_ptr, base_ptr,
                         fx = tl.load(first_ptr + at_x)
                         nx = tl.load(count_ptr + at_x)
                         go = tl.load(grad_ptr + ((k * PH + ph) * PW + pw) * C + c, mask=cmask, other=0.0)
-                        g = (go / count)[None, :]
+                        g = go / count
                         for ty in range(0, ny):
                             yy = by + (((fy + ty).to(tl.float64) + 0.5).to(dt) * bin_h) / grid_h
                             y_cos = yy * cos
@@ -231,13 +231,23 @@ def _backward_input_kernel(grad_ptr, params_ptr, first_ptr, count_ptr, base_ptr,
                                     xlo = tl.where(x_in, xlo, w_last)
                                     ly = tl.where(y_in, y - ylo.to(dt), 0.0).to(dt)
                                     lx = tl.where(x_in, x - xlo.to(dt), 0.0).to(dt)
-                                    rows = tl.where(top, ylo, ylo + 1)
-                                    w = tl.where(top, 1.0 - ly, ly) * tl.where(left, 1.0 - lx, lx)
-                                    keep = (rows >= r0_64) & (rows < r1_64) & (top | y_in) & (left | x_in)
-                                    ptr = image + ((rows * W + tl.where(left, xlo, xlo + 1)) * C)[:, None]
-                                    m = keep[:, None] & cmask[None, :]
-                                    old = tl.load(ptr, mask=m, other=0.0)
-                                    tl.store(ptr, old + w.to(dt)[:, None] * g, mask=m)
+                                    # Four [channels] read-modify-writes, not one [4 x channels]
+                                    # one: a pixel's channel c must always be handled by the same
+                                    # thread, or a later sample's read of it can race this write.
+                                    hy = 1.0 - ly
+                                    hx = 1.0 - lx
+                                    top_in = (ylo >= r0_64) & (ylo < r1_64)
+                                    low_in = y_in & (ylo + 1 >= r0_64) & (ylo + 1 < r1_64)
+                                    p = image + (ylo * W + xlo) * C
+                                    m = cmask & top_in
+                                    tl.store(p, tl.load(p, mask=m, other=0.0) + (hy * hx).to(dt) * g, mask=m)
+                                    m = cmask & top_in & x_in
+                                    tl.store(p + C, tl.load(p + C, mask=m, other=0.0) + (hy * lx).to(dt) * g, mask=m)
+                                    p = p + W * C
+                                    m = cmask & low_in
+                                    tl.store(p, tl.load(p, mask=m, other=0.0) + (ly * hx).to(dt) * g, mask=m)
+                                    m = cmask & low_in & x_in
+                                    tl.store(p + C, tl.load(p + C, mask=m, other=0.0) + (ly * lx).to(dt) * g, mask=m)
 
 
 @triton.jit
@@ -369,6 +379,7 @@ def _tile(channels: int, pooled_height: int, pooled_width: int, sampling_ratio: 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
             sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool) -> Tensor:
+    input = channels_last_on_gpu(input)
     n, c, h, w = input.shape
     k = rois.shape[0]
     plan = _plan(rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise, degrees,
@@ -379,7 +390,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     grid = (k, triton.cdiv(c, block))
     launcher(_forward_kernel)[grid](input, plan.params, plan.first, plan.count, plan.base, plan.batch, out, n, c, h,
                                      w, *input.stride(), pooled_height, pooled_width, BLOCK_C=block, BLOCK_BINS=bins,
-                                     BLOCK_S=samples)
+                                     BLOCK_S=samples, num_warps=_FORWARD_WARPS)
     return torch.where(plan.finite[:, None, None, None], out, torch.full_like(out, float("nan"))).to(input.dtype)
 
 
@@ -404,13 +415,14 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     launcher(_backward_input_kernel)[grid](grad_t, plan.params, plan.first, plan.count, plan.base,
                                             order.to(torch.int32), spans, bounds.to(torch.int32), out, channels,
                                             height, width, pooled_height, pooled_width, n_bands, BAND=_BAND_ROWS,
-                                            BLOCK_C=block, num_warps=max(1, block // 32))
+                                            BLOCK_C=block, num_warps=_BACKWARD_WARPS or max(1, block // 32))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return out.permute(0, 3, 1, 2).to(grad.dtype, memory_format=memory_format)
 
 
 def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                   pooled_width: int, sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool) -> Tensor:
+    input = channels_last_on_gpu(input)
     n, c, h, w = input.shape
     k = rois.shape[0]
     dtype = compute_dtype(input.dtype)
