@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checklist in one call, for a lent CUDA machine whose python3 already has torch, triton,
+# torchvision, numba and pytest (run from the repository root; no install, the package is read
+# from src/): versions, the gpu tests, the CUDA benchmark against torchvision in float32,
+# float16 and bfloat16, and the launch-parameter sweep. Logs and CSVs go to $OUT (else gpu_out/).
+set -u
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+  python3 -c "import sys, torch, triton, torchvision, numba, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)"
+} 2>&1 | tee "$out/env.txt"
+echo "== pytest -m gpu"
+timeout "${T_TESTS:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --maxfail=20 tests \
+  > "$out/pytest.log" 2>&1; echo "pytest rc $?"
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest.log" | tail -n 25 | cut -c1-300
+echo "== tune_cuda"
+timeout "${T_TUNE:-180}" python3 benchmarks/tune_cuda.py --dtypes "${TUNE_DTYPES:-float32}" --csv "$out/tune.csv" --best "$out/best.json" \
+  > "$out/tune.log" 2>&1; echo "tune rc $?"
+grep -E "^best|torchvision|Error" "$out/tune.log" | cut -c1-160
+echo "== bench_cuda (with the swept best settings, when the sweep wrote them)"
+settings=()
+[ -s "$out/best.json" ] && settings=(--settings "$out/best.json")
+timeout "${T_BENCH:-150}" python3 benchmarks/bench_cuda.py --dtypes float32,float16,bfloat16 --rep "${REP:-100}" \
+  --workloads "${WORKLOADS:-boxhead-P2,train-P3,mask-14,adaptive,train-batch}" --csv "$out/cuda.csv" "${settings[@]}" \
+  > "$out/bench.log" 2>&1; echo "bench rc $?"
+grep -v "^$" "$out/bench.log" | cut -c1-150
