@@ -131,3 +131,20 @@ def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
 
 def test_warmup_compiles_everything():
     roialign.warmup()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 64, 128, 128), (2, 33, 31, 65), (1, 3, 5, 7), (3, 32, 1, 32), (1, 1, 1, 1),
+                                   (1, 70, 2, 97)])
+def test_nchw_to_nhwc_copy_matches_permute(shape, dtype):
+    """The blocked transpose behind every NCHW input: whole 32 x 32 blocks and partial edges."""
+    from roialign.kernels.cpu.common import channels_last_view
+
+    x = torch.randn(*shape, dtype=dtype)
+    before = x.clone()
+    got = channels_last_view(x)
+    assert got.shape == (shape[0], shape[2], shape[3], shape[1])
+    assert np.array_equal(got, x.permute(0, 2, 3, 1).numpy())
+    assert torch.equal(x, before)
+    view = torch.randn(shape[0], shape[1] + 3, shape[2], shape[3] * 2, dtype=dtype)[:, 2:2 + shape[1], :, ::2]
+    assert np.array_equal(channels_last_view(view), view.permute(0, 2, 3, 1).numpy())

@@ -22,21 +22,32 @@ from torch import Tensor
 JIT = dict(nogil=True, cache=True)
 
 
+_TILE = 32  # side of the square blocks that nchw_to_nhwc turns around
+
+
 @numba.njit(**JIT)
 def nchw_to_nhwc(x, b, r0, r1, out):
-    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, in tiles of 16 columns
-    by 64 channels: the tile's 64 source runs stay in cache (and in the TLB) while the
-    destination is written 64 channels at a time. About 25% faster here than 32 channels
-    across a whole row."""
+    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, in 32 x 32 blocks
+    of (channels, columns) read into a small buffer by source rows and written out by
+    destination rows, so both sides are contiguous runs the compiler vectorises; partial
+    blocks at the edges go element by element. 3-4x faster than 16-column tiles written
+    element by element for a 4 MB map (1 x 64 x 128 x 128), the same for 55 MB ones."""
     channels, width = x.shape[1], x.shape[3]
+    tile = np.empty((_TILE, _TILE), x.dtype)
     for r in range(r0, r1):
-        for q0 in range(0, width, 16):
-            q1 = min(q0 + 16, width)
-            for c0 in range(0, channels, 64):
-                c1 = min(c0 + 64, channels)
-                for q in range(q0, q1):
-                    for c in range(c0, c1):
-                        out[b, r, q, c] = x[b, c, r, q]
+        for q0 in range(0, width, _TILE):
+            for c0 in range(0, channels, _TILE):
+                if q0 + _TILE <= width and c0 + _TILE <= channels:
+                    for c in range(_TILE):
+                        for q in range(_TILE):
+                            tile[q, c] = x[b, c0 + c, r, q0 + q]
+                    for q in range(_TILE):
+                        for c in range(_TILE):
+                            out[b, r, q0 + q, c0 + c] = tile[q, c]
+                else:
+                    for c in range(c0, min(channels, c0 + _TILE)):
+                        for q in range(q0, min(width, q0 + _TILE)):
+                            out[b, r, q, c] = x[b, c, r, q]
 
 
 @numba.njit(inline="always", **JIT)
