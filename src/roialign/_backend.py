@@ -105,5 +105,13 @@ def select_name(device: torch.device) -> str:
 
 
 def select(device: torch.device, operator: str) -> ModuleType:
-    """The kernel module of ``operator`` that runs on ``device`` under the backend in force."""
-    return importlib.import_module(f"roialign.kernels.{_FOLDERS[select_name(device)]}.{operator}")
+    """The kernel module of ``operator`` that runs on ``device`` under the backend in force.
+
+    An operator that a backend has no kernel for yet (see ``REFERENCE_ONLY``) runs its
+    pure-PyTorch kernel, on any device."""
+    folder = "reference" if operator in REFERENCE_ONLY else _FOLDERS[select_name(device)]
+    return importlib.import_module(f"roialign.kernels.{folder}.{operator}")
+
+
+# Operators whose only kernel so far is the pure-PyTorch one.
+REFERENCE_ONLY = frozenset({"roi_align_max"})

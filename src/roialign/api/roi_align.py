@@ -9,18 +9,30 @@ from torch import Tensor, nn
 
 from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align as _op
+from ..ops import roi_align_max as _max_op
 from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
 
 __all__ = ["roi_align", "ROIAlign"]
 
+MODES = ("avg", "max", "onnx_max")
+
+
+def check_mode(mode) -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
+    return mode
+
 
 @fx_leaf
 def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int], spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+              sampling_ratio: int = -1, aligned: bool = False, *, mode: str = "avg") -> Tensor:
     """Crop and resample a feature map at each box, with torchvision's signature and defaults.
 
     Each box is divided into ``output_size`` bins; a bin's value is the average of a regular
-    grid of bilinear samples inside it. Differentiable with respect to ``input`` and ``boxes``.
+    grid of bilinear samples inside it (``mode="avg"``), or their maximum (``mode="max"``,
+    mmcv's ``pool_mode='max'``; ``mode="onnx_max"``, ONNX ``RoiAlign(mode="max")``: the maximum
+    of each sample's four weighted corner terms). Differentiable with respect to ``input`` and
+    ``boxes``.
 
     Args:
         input: features ``[N, C, H, W]``, float16, bfloat16, float32 or float64, in any memory
@@ -35,6 +47,8 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
         aligned: if True, shift the box by -0.5 pixel (pixel centres at integer + 0.5), as in
             detectron2; if False, the original Mask R-CNN convention, with boxes at least one
             pixel wide and high.
+        mode: ``"avg"`` (default), ``"max"`` or ``"onnx_max"`` (keyword only; see README's
+            "Max mode"). The max modes run the pure-PyTorch kernel on every device for now.
 
     Returns:
         ``[K, C, PH, PW]``, NCHW-contiguous, of the input's dtype. A box with a NaN or infinite
@@ -48,9 +62,17 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
         raise TypeError(f"input must be a torch.Tensor [N, C, H, W]; got {type(input).__name__}")
     pooled_height, pooled_width = output_size_pair(output_size)
     check_scalars(spatial_scale, sampling_ratio, aligned)
+    check_mode(mode)
     rois = boxes_to_rois(boxes)
     if rois.dtype.is_floating_point:
         rois = rois.to(compute_dtype(input.dtype))
+    if mode != "avg":
+        if torch.onnx.is_in_onnx_export():
+            from ..integrations import onnx as _onnx
+
+            _onnx.refuse_max_export(mode)
+        return _max_op.roi_align_max(input, rois, float(spatial_scale), pooled_height, pooled_width,
+                                     int(sampling_ratio), aligned, mode == "onnx_max")
     if torch.onnx.is_in_onnx_export():  # a standard ONNX RoiAlign node, with either exporter
         from ..integrations import onnx as _onnx
 
@@ -69,6 +91,7 @@ class ROIAlign(nn.Module):
             ``ceil(box size / output size)`` for each box.
         aligned: if True (the default), shift boxes by -0.5 pixel so that pixel centres sit at
             integer + 0.5; if False, the original Detectron convention.
+        mode: ``"avg"`` (default), ``"max"`` or ``"onnx_max"``, as in :func:`roi_align`.
 
     Shape:
         - input: ``[N, C, H, W]``
@@ -77,17 +100,20 @@ class ROIAlign(nn.Module):
     """
 
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float, sampling_ratio: int,
-                 aligned: bool = True) -> None:
+                 aligned: bool = True, *, mode: str = "avg") -> None:
         super().__init__()
         self.output_size = output_size_pair(output_size)
         check_scalars(spatial_scale, sampling_ratio, aligned)
+        self.mode = check_mode(mode)
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.aligned = aligned
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         mode=self.mode)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+                + (f", mode={self.mode!r}" if self.mode != "avg" else ""))

@@ -80,6 +80,16 @@ def roi_align_attributes(spatial_scale: float, pooled_height: int, pooled_width:
     return attrs
 
 
+def refuse_max_export(mode: str):
+    """Max-mode RoIAlign does not export yet; ``mode="max"`` never will as ``RoiAlign`` (ONNX's
+    max is another function)."""
+    if mode == "max":
+        _fail("roi_align(mode='max') (mmcv's maximum of bilinear samples) has no ONNX equivalent: ONNX "
+              "RoiAlign(mode='max') takes the maximum of each sample's weighted corner terms, which gives other "
+              "numbers. Use mode='onnx_max' for ONNX's reading.")
+    _fail("roi_align(mode='onnx_max') cannot be exported to ONNX by this version of roialign yet")
+
+
 def _fail(message: str):
     from torch.onnx.errors import OnnxExporterError
 

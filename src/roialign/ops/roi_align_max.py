@@ -1,0 +1,82 @@
+"""The custom operators ``torch.ops.roialign.roi_align_max`` and its backward operator.
+
+Max-mode RoIAlign over axis-aligned boxes ``[K, 5] = (batch index, x1, y1, x2, y2)``, with the
+same geometry as ``roi_align`` (``aligned``, ``sampling_ratio``). ``onnx`` picks the reading of
+"max": False for mmcv's (the largest bilinear sample), True for the ONNX reference's (the
+largest weighted corner term of each sample). Its own operator, so that the average's schema,
+export and patches stay as they are. The backward operator recomputes which sample won (the
+same arithmetic as the forward) and returns the input and box gradients together.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .common import check_batch_index, check_tensors, is_channels_last
+
+__all__ = ["roi_align_max", "roi_align_max_backward"]
+
+_OPERATOR = "roi_align_max"
+
+
+def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> None:
+    check_tensors(input, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2")
+
+
+@torch.library.custom_op("roialign::roi_align_max", mutates_args=())
+def roi_align_max(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                  sampling_ratio: int, aligned: bool, onnx: bool) -> Tensor:
+    """Max-mode RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``."""
+    _check_tensors(input, rois, pooled_height, pooled_width)
+    check_batch_index(rois, input.shape[0])
+    k, c = rois.shape[0], input.shape[1]
+    if k == 0 or input.numel() == 0:
+        return input.new_zeros((k, c, pooled_height, pooled_width))
+    kernel = _backend.select(input.device, _OPERATOR)
+    return kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx)
+
+
+@roi_align_max.register_fake
+def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx):
+    _check_tensors(input, rois, pooled_height, pooled_width)
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("roialign::roi_align_max_backward", mutates_args=())
+def roi_align_max_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+                           pooled_width: int, sampling_ratio: int, aligned: bool, onnx: bool,
+                           channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of ``roi_align_max``: the input's (in the input's layout) and the boxes' ``[K, 5]``."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if rois.shape[0] == 0 or input.numel() == 0:
+        return torch.zeros_like(input, memory_format=memory_format), rois.new_zeros(rois.shape)
+    kernel = _backend.select(input.device, _OPERATOR)
+    return kernel.backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                           onnx, channels_last)
+
+
+@roi_align_max_backward.register_fake
+def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx, channels_last):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty_like(input, memory_format=memory_format), rois.new_empty(rois.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.params = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx)
+    ctx.channels_last = is_channels_last(input)
+
+
+def _backward(ctx, grad):
+    input, rois = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None, None, None, None
+    grad_input, grad_rois = roi_align_max_backward(grad, input, rois, *ctx.params, ctx.channels_last)
+    return (grad_input if ctx.needs_input_grad[0] else None, grad_rois if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, None)
+
+
+roi_align_max.register_autograd(_backward, setup_context=_setup_context)
