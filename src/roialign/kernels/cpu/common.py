@@ -50,6 +50,45 @@ def nchw_to_nhwc(x, b, r0, r1, out):
                             out[b, r, q, c] = x[b, c, r, q]
 
 
+_MAX_GRID = 2**52  # adaptive sample counts are capped where float64 stops being exact
+
+
+@numba.njit(**JIT)
+def axis_aligned_box(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T):
+    """Box ``k`` of ``rois`` ([K, 5] in the compute dtype ``T``) in feature pixels, as every
+    axis-aligned kernel sees it: scaled start, size, clamped-size flag and sample count along y
+    and x; ``finite`` last."""
+    offset = T(0.5) if aligned else T(0.0)
+    scale = T(spatial_scale)
+    x1 = T(rois[k, 1]) * scale - offset
+    y1 = T(rois[k, 2]) * scale - offset
+    x2 = T(rois[k, 3]) * scale - offset
+    y2 = T(rois[k, 4]) * scale - offset
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    fixed_w = False
+    fixed_h = False
+    if not aligned:
+        if roi_w < 1:
+            roi_w = T(1.0)
+            fixed_w = True
+        if roi_h < 1:
+            roi_h = T(1.0)
+            fixed_h = True
+    finite = (np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)
+              and np.isfinite(roi_w) and np.isfinite(roi_h))
+    grid_h = 0
+    grid_w = 0
+    if finite:
+        if sampling_ratio > 0:
+            grid_h = sampling_ratio
+            grid_w = sampling_ratio
+        else:
+            grid_h = int(min(max(np.ceil(roi_h / T(pooled_h)), 0.0), _MAX_GRID))
+            grid_w = int(min(max(np.ceil(roi_w / T(pooled_w)), 0.0), _MAX_GRID))
+    return y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite
+
+
 @numba.njit(inline="always", **JIT)
 def visible_samples(base, bin_size, grid, lo, hi):
     """[first, last) of the sample indices ``i`` in [0, grid) whose position

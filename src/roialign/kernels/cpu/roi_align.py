@@ -25,48 +25,12 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
-from .common import (JIT, band_of, box_geometry, box_jobs, channels_last_view, empty, store_band, transpose_boxes,
-                     visible_samples, workers)
-
-_MAX_GRID = 2**52
+from .common import (JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_view, empty, store_band,
+                     transpose_boxes, visible_samples, workers)
 
 
 # ----------------------------------------------------------------------------------------------
 # Geometry: one box, one axis.
-
-
-@numba.njit(**JIT)
-def _box(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T):
-    """Scaled start, size, clamped-size flag and sample count along y and x; ``finite`` last."""
-    offset = T(0.5) if aligned else T(0.0)
-    scale = T(spatial_scale)
-    x1 = T(rois[k, 1]) * scale - offset
-    y1 = T(rois[k, 2]) * scale - offset
-    x2 = T(rois[k, 3]) * scale - offset
-    y2 = T(rois[k, 4]) * scale - offset
-    roi_w = x2 - x1
-    roi_h = y2 - y1
-    fixed_w = False
-    fixed_h = False
-    if not aligned:
-        if roi_w < 1:
-            roi_w = T(1.0)
-            fixed_w = True
-        if roi_h < 1:
-            roi_h = T(1.0)
-            fixed_h = True
-    finite = (np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)
-              and np.isfinite(roi_w) and np.isfinite(roi_h))
-    grid_h = 0
-    grid_w = 0
-    if finite:
-        if sampling_ratio > 0:
-            grid_h = sampling_ratio
-            grid_w = sampling_ratio
-        else:
-            grid_h = int(min(max(np.ceil(roi_h / T(pooled_h)), 0.0), _MAX_GRID))
-            grid_w = int(min(max(np.ceil(roi_w / T(pooled_w)), 0.0), _MAX_GRID))
-    return y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite
 
 
 @numba.njit(**JIT)
@@ -140,7 +104,7 @@ def _capacity(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, poole
     cap_x = 1
     for j in range(lo, hi):
         k = order[j]
-        y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = _box(
+        y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = axis_aligned_box(
             rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
         if finite:
             cap_y = max(cap_y, _tap_capacity(y1, roi_h, grid_h, pooled_h, height, T))
@@ -153,7 +117,7 @@ def _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_
               yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn):
     """Fill the y and x taps of box ``k``; returns whether the box is finite and its sample count
     ``max(grid_h * grid_w, 1)`` (as float64: the product of two large counts overflows int64)."""
-    y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = _box(
+    y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = axis_aligned_box(
         rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
     if finite:
         _axis_taps(y1, roi_h, fixed_h, grid_h, pooled_h, height, T, yi, yw, yd0, yd1, yn)
