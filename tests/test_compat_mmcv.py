@@ -174,12 +174,16 @@ def test_unknown_keyword_is_a_type_error():
         RoIAlign(5, sample_number=2)
 
 
-def test_pool_mode_max_is_not_implemented():
+def test_pool_mode_max_is_mmcv_max_mode():
+    import numpy as np
+    import oracle_max
+
     x, rois = _random_inputs(1)
-    with pytest.raises(NotImplementedError, match="max"):
-        RoIAlign(7, pool_mode="max")
-    with pytest.raises(NotImplementedError, match="max"):
-        roi_align(x, rois, 7, 1.0, 0, "max", True)
+    want = roialign.roi_align(x, rois, 7, 0.5, 0, True, mode="max")
+    torch.testing.assert_close(RoIAlign(7, 0.5, pool_mode="max")(x, rois), want)
+    torch.testing.assert_close(roi_align(x, rois, 7, 0.5, 0, "max", True), want)
+    oracle, _, _ = oracle_max.roi_align_max(x.double().numpy(), rois.double().numpy(), 0.5, 7, 7, 0, True, "max")
+    np.testing.assert_allclose(want.double().numpy(), oracle, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pool_mode", ["foo", "AVG", None, 0])

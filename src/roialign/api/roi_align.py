@@ -48,7 +48,8 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
             detectron2; if False, the original Mask R-CNN convention, with boxes at least one
             pixel wide and high.
         mode: ``"avg"`` (default), ``"max"`` or ``"onnx_max"`` (keyword only; see README's
-            "Max mode"). The max modes run the pure-PyTorch kernel on every device for now.
+            "Max mode"). ``"onnx_max"`` exports to ONNX as ``RoiAlign(mode="max")``; ``"max"``
+            does not export (ONNX has no such function).
 
     Returns:
         ``[K, C, PH, PW]``, NCHW-contiguous, of the input's dtype. A box with a NaN or infinite
@@ -67,10 +68,13 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
     if rois.dtype.is_floating_point:
         rois = rois.to(compute_dtype(input.dtype))
     if mode != "avg":
-        if torch.onnx.is_in_onnx_export():
+        if torch.onnx.is_in_onnx_export():  # ONNX's own reading becomes RoiAlign(mode="max")
             from ..integrations import onnx as _onnx
 
-            _onnx.refuse_max_export(mode)
+            if mode == "max":
+                _onnx.refuse_max_export()
+            return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
+                                          int(sampling_ratio), aligned, mode="max")
         return _max_op.roi_align_max(input, rois, float(spatial_scale), pooled_height, pooled_width,
                                      int(sampling_ratio), aligned, mode == "onnx_max")
     if torch.onnx.is_in_onnx_export():  # a standard ONNX RoiAlign node, with either exporter

@@ -6,7 +6,9 @@ For mmdetection and other OpenMMLab code: the argument names, order and defaults
 numbers are those of :func:`roialign.roi_align` with the same arguments, whose average mode has
 mmcv's semantics. Differences from mmcv:
 
-- ``pool_mode='max'`` is not implemented yet (``NotImplementedError``).
+- ``pool_mode='max'`` is :func:`roialign.roi_align` with ``mode="max"`` (mmcv's reading: the
+  largest bilinear sample), except that a bin without samples is 0, not mmcv's sentinel
+  (-10000 on the CPU, -FLT_MAX on CUDA), and the boxes get a gradient too.
 - ``use_torchvision`` is accepted and ignored: roialign's kernel is always used (mmcv's two
   paths give the same numbers for ``avg``).
 - The result is differentiable with respect to ``rois`` as well as ``input`` (mmcv gives no
@@ -37,12 +39,10 @@ __all__ = ["RoIAlign", "roi_align", "RoIAlignRotated", "roi_align_rotated"]
 
 
 def _check_pool_mode(pool_mode: object) -> None:
-    """Accept ``'avg'``; NotImplementedError for ``'max'``; ValueError naming ``pool_mode`` otherwise."""
-    if pool_mode == "avg":
+    """Accept ``'avg'`` and ``'max'``; ValueError naming ``pool_mode`` otherwise."""
+    if pool_mode in ("avg", "max"):
         return
-    if pool_mode == "max":
-        raise NotImplementedError("pool_mode='max' is not implemented in roialign yet; use pool_mode='avg'")
-    raise ValueError(f"pool_mode must be 'avg' (or 'max', not implemented yet); got {pool_mode!r}")
+    raise ValueError(f"pool_mode must be 'avg' or 'max'; got {pool_mode!r}")
 
 
 def _renamed_keywords(owner: str, **renamed: str) -> Callable[[Callable], Callable]:
@@ -89,7 +89,8 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spa
         spatial_scale: factor from box coordinates to feature-map pixels (e.g. ``1 / 16``).
         sampling_ratio: samples per bin along each axis; ``0`` (or any value ``<= 0``) picks
             ``ceil(box size / output size)`` for each box, as in mmcv.
-        pool_mode: ``'avg'``. mmcv's ``'max'`` is not implemented yet.
+        pool_mode: ``'avg'`` or ``'max'`` (the largest bilinear sample of each bin; a bin
+            without samples is 0).
         aligned: if True (the default), shift boxes by -0.5 pixel so that pixel centres sit at
             integer + 0.5; if False, the original Mask R-CNN convention, with boxes at least one
             pixel wide and high.
@@ -99,12 +100,11 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spa
         ``rois`` as well as ``input``.
 
     Raises:
-        NotImplementedError: for ``pool_mode='max'``.
-        ValueError: for any other ``pool_mode`` than ``'avg'``; and, with TypeError and
+        ValueError: for a ``pool_mode`` other than ``'avg'`` and ``'max'``; and, with TypeError and
             IndexError, for the bad arguments :func:`roialign.roi_align` rejects.
     """
     _check_pool_mode(pool_mode)
-    return _roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode=pool_mode)
 
 
 class RoIAlign(nn.Module):
@@ -121,7 +121,7 @@ class RoIAlign(nn.Module):
         sampling_ratio: samples per bin along each axis; ``0`` (or any value ``<= 0``) picks
             ``ceil(box size / output size)`` for each box. mmcv's deprecated keyword
             ``sample_num`` is accepted with a DeprecationWarning.
-        pool_mode: ``'avg'``. mmcv's ``'max'`` is not implemented yet (NotImplementedError).
+        pool_mode: ``'avg'`` or ``'max'``, as in :func:`roi_align`.
         aligned: if True (the default), shift boxes by -0.5 pixel so that pixel centres sit at
             integer + 0.5; if False, the original Mask R-CNN convention.
         use_torchvision: accepted for compatibility and ignored: roialign's kernel is always
@@ -136,8 +136,7 @@ class RoIAlign(nn.Module):
     Raises:
         TypeError: for a deprecated keyword passed together with its new name, and for arguments
             of the wrong type.
-        NotImplementedError: for ``pool_mode='max'``.
-        ValueError: for any other ``pool_mode`` than ``'avg'``, and out-of-range values.
+        ValueError: for a ``pool_mode`` other than ``'avg'`` and ``'max'``, and out-of-range values.
     """
 
     @_renamed_keywords("RoIAlign", out_size="output_size", sample_num="sampling_ratio")

@@ -57,13 +57,14 @@ _LEGACY_TYPES = {"Float": _FLOAT, "Half": _FLOAT16, "Double": _DOUBLE, "BFloat16
 
 
 def roi_align_attributes(spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int,
-                         aligned: bool, opset: int | None = None) -> dict[str, Any]:
-    """The ONNX ``RoiAlign`` attributes for roialign's arguments at ``opset`` (None: 16 or later).
+                         aligned: bool, opset: int | None = None, mode: str = "avg") -> dict[str, Any]:
+    """The ONNX ``RoiAlign`` attributes for roialign's arguments at ``opset`` (None: 16 or later);
+    ``mode`` is ONNX's (``"avg"``, or ``"max"`` for roialign's ``mode="onnx_max"``).
 
     Raises ``torch.onnx.errors.OnnxExporterError`` where the opset cannot express the op.
     """
     attrs: dict[str, Any] = {
-        "mode": "avg",
+        "mode": mode,
         "output_height": int(pooled_height),
         "output_width": int(pooled_width),
         "sampling_ratio": max(int(sampling_ratio), 0),
@@ -80,14 +81,14 @@ def roi_align_attributes(spatial_scale: float, pooled_height: int, pooled_width:
     return attrs
 
 
-def refuse_max_export(mode: str):
-    """Max-mode RoIAlign does not export yet; ``mode="max"`` never will as ``RoiAlign`` (ONNX's
-    max is another function)."""
-    if mode == "max":
-        _fail("roi_align(mode='max') (mmcv's maximum of bilinear samples) has no ONNX equivalent: ONNX "
-              "RoiAlign(mode='max') takes the maximum of each sample's weighted corner terms, which gives other "
-              "numbers. Use mode='onnx_max' for ONNX's reading.")
-    _fail("roi_align(mode='onnx_max') cannot be exported to ONNX by this version of roialign yet")
+_MMCV_MAX_MESSAGE = ("roi_align(mode='max') (mmcv's maximum of bilinear samples) has no ONNX equivalent: ONNX "
+                     "RoiAlign(mode='max') takes the maximum of each sample's weighted corner terms, which gives other "
+                     "numbers. Use mode='onnx_max' for ONNX's reading.")
+
+
+def refuse_max_export() -> None:
+    """``mode="max"`` does not export: ONNX's max is another function."""
+    _fail(_MMCV_MAX_MESSAGE)
 
 
 def _fail(message: str):
@@ -100,13 +101,18 @@ def _fail(message: str):
 
 
 def export_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-                     sampling_ratio: int, aligned: bool) -> Tensor:
-    """What ``roi_align`` does under ``torch.onnx.export``, for the exporter that is running."""
+                     sampling_ratio: int, aligned: bool, mode: str = "avg") -> Tensor:
+    """What ``roi_align`` does under ``torch.onnx.export``, for the exporter that is running
+    (``mode``: ONNX's, ``"avg"`` or ``"max"``)."""
     from ..ops import roi_align as op
+    from ..ops import roi_align_max as max_op
 
     if torch.jit.is_tracing():
         # TorchScript exporter: trace the op as usual; the registered symbolic emits RoiAlign.
         register_legacy_symbolic()
+        if mode == "max":
+            return max_op.roi_align_max(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                        aligned, True)
         return op.roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
     # The dynamo exporter (torch.export, then translation): record the ONNX node directly.
     op._check_tensors(input, rois, pooled_height, pooled_width)
@@ -115,7 +121,7 @@ def export_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     out = torch.onnx.ops.symbolic(
         "RoiAlign",
         (x, rois[:, 1:5].to(compute), rois[:, 0].to(torch.int64)),
-        roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned),
+        roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, mode=mode),
         dtype=compute,
         shape=(rois.shape[0], input.shape[1], pooled_height, pooled_width),
     )
@@ -141,10 +147,21 @@ def register_legacy_symbolic() -> None:
     # Registered from opset 7, the oldest the exporter knows, so that opsets without RoiAlign
     # get our error message rather than "unrecognized namespace".
     register_custom_op_symbolic(_OP_NAME, _legacy_symbolic, 7)
+    register_custom_op_symbolic("roialign::roi_align_max", _legacy_symbolic_max, 7)
     _legacy_registered = True
 
 
-def _legacy_symbolic(g, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+def _legacy_symbolic_max(g, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx):
+    from torch.onnx.symbolic_helper import _maybe_get_const
+
+    if not bool(_maybe_get_const(onnx, "b")):
+        _fail(_MMCV_MAX_MESSAGE)
+    return _legacy_symbolic(g, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                            mode="max")
+
+
+def _legacy_symbolic(g, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                     mode="avg"):
     from torch.onnx.symbolic_helper import _maybe_get_const
 
     opset = g.opset
@@ -152,7 +169,7 @@ def _legacy_symbolic(g, input, rois, spatial_scale, pooled_height, pooled_width,
     pooled_height, pooled_width, sampling_ratio = (
         int(_maybe_get_const(v, "i")) for v in (pooled_height, pooled_width, sampling_ratio))
     aligned = bool(_maybe_get_const(aligned, "b"))
-    attrs = roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, opset)
+    attrs = roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, opset, mode)
 
     in_type = _LEGACY_TYPES.get(_scalar_type(input))
     compute = _DOUBLE if in_type == _DOUBLE else _FLOAT
@@ -191,11 +208,21 @@ def onnx_translation_table() -> dict[Callable, Callable]:
 
         torch.onnx.export(model, args, dynamo=True, custom_translation_table=roialign.onnx_translation_table())
     """
-    return {torch.ops.roialign.roi_align.default: _roi_align_onnxscript}
+    return {torch.ops.roialign.roi_align.default: _roi_align_onnxscript,
+            torch.ops.roialign.roi_align_max.default: _roi_align_max_onnxscript}
+
+
+def _roi_align_max_onnxscript(input, rois, spatial_scale: float, pooled_height: int, pooled_width: int,
+                              sampling_ratio: int, aligned: bool, onnx: bool):
+    """ONNX Script translation of ``torch.ops.roialign.roi_align_max``: only ONNX's own reading exports."""
+    if not onnx:
+        _fail(_MMCV_MAX_MESSAGE)
+    return _roi_align_onnxscript(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                                 mode="max")
 
 
 def _roi_align_onnxscript(input, rois, spatial_scale: float, pooled_height: int, pooled_width: int,
-                          sampling_ratio: int, aligned: bool):
+                          sampling_ratio: int, aligned: bool, mode: str = "avg"):
     """ONNX Script translation of ``torch.ops.roialign.roi_align`` (traced by the exporter, at opset >= 18)."""
     from onnxscript import opset18 as op
 
@@ -206,5 +233,6 @@ def _roi_align_onnxscript(input, rois, spatial_scale: float, pooled_height: int,
     boxes = op.Gather(rois, op.Constant(value_ints=[1, 2, 3, 4]), axis=1)
     batch = op.Cast(op.Gather(rois, op.Constant(value_int=0), axis=1), to=_INT64)
     out = op.RoiAlign(x, boxes, batch,
-                      **roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned))
+                      **roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                                             mode=mode))
     return out if in_type in (None, compute) else op.Cast(out, to=in_type)
