@@ -5,6 +5,7 @@ Examples:
     python benchmarks/bench_cpu.py --threads 1,2 --dtypes float32,float64 --csv results.csv
     python benchmarks/bench_cpu.py --workloads sweep                # boxes 10..10,000 and channels
     python benchmarks/bench_cpu.py --op rotated                     # rotated RoIAlign, random angles
+    python benchmarks/bench_cpu.py --op max                         # max-mode RoIAlign (mmcv's, ONNX's)
 """
 
 from roialign._bench import main

@@ -107,11 +107,12 @@ def select_name(device: torch.device) -> str:
 def select(device: torch.device, operator: str) -> ModuleType:
     """The kernel module of ``operator`` that runs on ``device`` under the backend in force.
 
-    An operator that a backend has no kernel for yet (see ``REFERENCE_ONLY``) runs its
-    pure-PyTorch kernel, on any device."""
-    folder = "reference" if operator in REFERENCE_ONLY else _FOLDERS[select_name(device)]
+    An operator that the backend has no kernel for yet (see ``NOT_YET``) runs its pure-PyTorch
+    kernel, which works on any device."""
+    name = select_name(device)
+    folder = "reference" if operator in NOT_YET.get(name, ()) else _FOLDERS[name]
     return importlib.import_module(f"roialign.kernels.{folder}.{operator}")
 
 
-# Operators whose only kernel so far is the pure-PyTorch one.
-REFERENCE_ONLY = frozenset({"roi_align_max"})
+# Operators a backend has no kernel for yet: they run the pure-PyTorch kernel instead.
+NOT_YET = {"triton": frozenset({"roi_align_max"})}

@@ -172,9 +172,10 @@ def _print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="boxhead-P2 and adaptive only, 3 repeats")
-    parser.add_argument("--op", choices=("roi_align", "rotated"), default="roi_align",
+    parser.add_argument("--op", choices=("roi_align", "rotated", "max"), default="roi_align",
                         help="rotated: roi_align_rotated on the same workloads with random angles, against "
-                             "torchvision's and our axis-aligned kernels on the unrotated boxes")
+                             "torchvision's and our axis-aligned kernels on the unrotated boxes; max: "
+                             "roi_align(mode='max' / 'onnx_max') against torchvision's and our average")
     parser.add_argument("--workloads", default=None, help=f"comma-separated, from {', '.join(WORKLOADS)}, sweep")
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: all cores)")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, float64")
@@ -209,11 +210,17 @@ def main(argv: list[str] | None = None) -> None:
                 if args.op == "rotated":
                     from . import _bench_rotated
                     rows += _bench_rotated.bench_workload(workload, dtype, t, repeats, args.quick, only)
+                elif args.op == "max":
+                    from . import _bench_max
+                    rows += _bench_max.bench_workload(workload, dtype, t, repeats, args.quick, only)
                 else:
                     rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick, only)
     if args.op == "rotated":
         from . import _bench_rotated
         _bench_rotated.print_table(rows)
+    elif args.op == "max":
+        from . import _bench_max
+        _bench_max.print_table(rows)
     else:
         _print_table(rows)
     if args.csv:
