@@ -131,6 +131,11 @@ def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
 
 def test_warmup_compiles_everything():
     roialign.warmup()
+    from roialign.kernels.cpu import roi_align_max
+
+    # float32 and float64 of each max-mode kernel are compiled (or loaded from the cache) by now
+    for kernel in (roi_align_max._forward, roi_align_max._backward_input, roi_align_max._backward_rois):
+        assert len(kernel.signatures) >= 2, (kernel, kernel.signatures)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -148,3 +153,17 @@ def test_nchw_to_nhwc_copy_matches_permute(shape, dtype):
     assert torch.equal(x, before)
     view = torch.randn(shape[0], shape[1] + 3, shape[2], shape[3] * 2, dtype=dtype)[:, 2:2 + shape[1], :, ::2]
     assert np.array_equal(channels_last_view(view), view.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 128, 128, 64), (2, 31, 65, 33), (1, 5, 7, 3), (3, 1, 32, 32), (1, 1, 1, 1)])
+def test_nhwc_to_nchw_copy_matches_permute(shape, dtype):
+    """The blocked transpose back, for input gradients of NCHW inputs."""
+    from roialign.kernels.cpu.common import planar_from_channels_last
+
+    t = torch.randn(*shape, dtype=dtype)
+    before = t.clone()
+    got = planar_from_channels_last(t)
+    assert got.is_contiguous() and got.shape == (shape[0], shape[3], shape[1], shape[2])
+    assert torch.equal(got, t.permute(0, 3, 1, 2))
+    assert torch.equal(t, before)

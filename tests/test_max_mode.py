@@ -336,3 +336,15 @@ def test_direct_op_call_exports_with_the_translation_table(tmp_path):
     names = [i.name for i in session.get_inputs()]
     got = session.run(None, dict(zip(names, (x.numpy(), rois.numpy()))))[0]
     np.testing.assert_allclose(got[:, 0], np.array(ONNX_Y), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_only_the_gradients_asked_for(mode):
+    case = random_case(11)
+    _, want_gx, want_gr, go = _run(case.x, case.rois, fargs(case), mode)
+    x = case.x.detach().clone().requires_grad_()
+    roialign.roi_align(x, case.rois.detach(), *fargs(case), mode=mode).backward(go)
+    torch.testing.assert_close(x.grad, want_gx)
+    rois = case.rois.detach().clone().requires_grad_()
+    roialign.roi_align(case.x.detach(), rois, *fargs(case), mode=mode).backward(go)
+    torch.testing.assert_close(rois.grad, want_gr, equal_nan=True)

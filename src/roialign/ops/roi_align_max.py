@@ -47,18 +47,21 @@ def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, a
 @torch.library.custom_op("roialign::roi_align_max_backward", mutates_args=())
 def roi_align_max_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                            pooled_width: int, sampling_ratio: int, aligned: bool, onnx: bool,
-                           channels_last: bool) -> tuple[Tensor, Tensor]:
-    """Gradients of ``roi_align_max``: the input's (in the input's layout) and the boxes' ``[K, 5]``."""
+                           channels_last: bool, want_input: bool = True,
+                           want_rois: bool = True) -> tuple[Tensor, Tensor]:
+    """Gradients of ``roi_align_max``: the input's (in the input's layout) and the boxes' ``[K, 5]``;
+    one not wanted (``want_input``, ``want_rois``) is not computed and comes back as zeros."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if rois.shape[0] == 0 or input.numel() == 0:
         return torch.zeros_like(input, memory_format=memory_format), rois.new_zeros(rois.shape)
     kernel = _backend.select(input.device, _OPERATOR)
     return kernel.backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
-                           onnx, channels_last)
+                           onnx, channels_last, want_input, want_rois)
 
 
 @roi_align_max_backward.register_fake
-def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx, channels_last):
+def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx, channels_last,
+      want_input=True, want_rois=True):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty_like(input, memory_format=memory_format), rois.new_empty(rois.shape)
 
@@ -74,7 +77,8 @@ def _backward(ctx, grad):
     input, rois = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None, None, None, None
-    grad_input, grad_rois = roi_align_max_backward(grad, input, rois, *ctx.params, ctx.channels_last)
+    grad_input, grad_rois = roi_align_max_backward(grad, input, rois, *ctx.params, ctx.channels_last,
+                                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
     return (grad_input if ctx.needs_input_grad[0] else None, grad_rois if ctx.needs_input_grad[1] else None,
             None, None, None, None, None, None)
 

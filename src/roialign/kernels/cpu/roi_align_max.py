@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..reference.common import compute_dtype
-from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channels_last_view, empty, ranges,
-                     transpose_boxes, visible_samples, workers)
+from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channels_last_view, empty,
+                     planar_from_channels_last, ranges, transpose_boxes, visible_samples, workers)
 
 
 @numba.njit(inline="always", **JIT)
@@ -158,6 +158,44 @@ def _axis_tables(start, bin_size, grid, pooled, size, T):
     return first, offset, low, high, frac, moves, place
 
 
+_FEW = 16  # up to this many candidate samples in a bin, _few_winners instead of decoding per channel
+
+
+@numba.njit(inline="always", **JIT)
+def _few_winners(grad, arg, k, j, b, oy, ny, ox, nx, y0, y1_, fry, x0, x1_, frx, onnx, c0, c1, T, grad_feat):
+    """One bin's input gradient, candidate by candidate: for each, every channel adds its output
+    gradient masked by "this candidate won" (no branch, no division: runs of channels the
+    compiler vectorises). Cheaper than decoding each channel's winner when a bin has few."""
+    for iyr in range(ny):
+        iy = oy + iyr
+        ly = fry[iy]
+        hy = T(1.0) - ly
+        for ixr in range(nx):
+            ix = ox + ixr
+            lx = frx[ix]
+            hx = T(1.0) - lx
+            code = (iyr << 32) | (ixr << 2)
+            t00 = grad_feat[b, y0[iy], x0[ix]]
+            t01 = grad_feat[b, y0[iy], x1_[ix]]
+            t10 = grad_feat[b, y1_[iy], x0[ix]]
+            t11 = grad_feat[b, y1_[iy], x1_[ix]]
+            if onnx:
+                for q in range(4):
+                    target = t00 if q == 0 else (t01 if q == 1 else (t10 if q == 2 else t11))
+                    wq = (hy if q < 2 else ly) * (hx if q % 2 == 0 else lx)
+                    for c in range(c0, c1):
+                        g = grad[k, j, c] if arg[k, j, c] == code + q else T(0.0)
+                        target[c] += g * wq
+            else:
+                w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx
+                for c in range(c0, c1):
+                    g = grad[k, j, c] if arg[k, j, c] == code else T(0.0)
+                    t00[c] += g * w00
+                    t01[c] += g * w01
+                    t10[c] += g * w10
+                    t11[c] += g * w11
+
+
 @numba.njit(**JIT)
 def _backward_input(grad, arg, geometry, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, onnx, c0, c1,
                     T, grad_feat):
@@ -175,8 +213,14 @@ def _backward_input(grad, arg, geometry, spatial_scale, aligned, sampling_ratio,
         fys, oys, y0, y1_, fry, _, _ = _axis_tables(y1, bin_h, grid_h, pooled_h, height, T)
         fxs, oxs, x0, x1_, frx, _, _ = _axis_tables(x1, bin_w, grid_w, pooled_w, width, T)
         for ph in range(pooled_h):
+            ny = oys[ph + 1] - oys[ph]
             for pw in range(pooled_w):
                 j = ph * pooled_w + pw
+                nx = oxs[pw + 1] - oxs[pw]
+                if ny * nx <= _FEW:
+                    _few_winners(grad, arg, k, j, b, oys[ph], ny, oxs[pw], nx, y0, y1_, fry, x0, x1_, frx, onnx, c0,
+                                 c1, T, grad_feat)
+                    continue
                 for c in range(c0, c1):
                     a = arg[k, j, c]
                     if a < 0:
@@ -285,25 +329,44 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
 
 
 def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-             sampling_ratio: int, aligned: bool, onnx: bool, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """(input gradient in the input's layout, box gradient ``[K, 5]``)."""
+             sampling_ratio: int, aligned: bool, onnx: bool, channels_last: bool, want_input: bool = True,
+             want_rois: bool = True) -> tuple[Tensor, Tensor]:
+    """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
     n, c, h, w = input.shape
     k = rois.shape[0]
     _, arg, feat, geometry, T = _winners(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
                                          aligned, onnx, True)
     dtype = compute_dtype(input.dtype)
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, pooled_height * pooled_width).numpy()
-    grad_t = np.empty((k, pooled_height * pooled_width, c), dtype=T)  # [K, bins, C]: channel runs
+    grad_t = empty((k, pooled_height * pooled_width, c), dtype).numpy()  # [K, bins, C]: channel runs
     workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
-    grad_feat = torch.zeros((n, h, w, c), dtype=dtype)
-    block = max(16, -(-c // workers.size()))
-    workers.run(_backward_input, [(grad_t, arg, geometry, spatial_scale, aligned, sampling_ratio, pooled_height,
-                                   pooled_width, onnx, c0, min(c, c0 + block), T, grad_feat.numpy())
-                                  for c0 in range(0, c, block)])
-    grad_rois = np.empty((k, 4), dtype=T)
-    workers.run(_backward_rois, [(grad_t, arg, feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio,
-                                  pooled_height, pooled_width, onnx, T, grad_rois) for lo, hi in ranges(k, 4 * workers.size())])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    grad_input = grad_feat.permute(0, 3, 1, 2).to(input.dtype, memory_format=memory_format)
+    grad_feat = empty((n, h, w, c), dtype).zero_()  # huge pages where the kernel allows: fewer page faults
+    if want_input:
+        block = max(16, -(-c // workers.size()))
+        workers.run(_backward_input, [(grad_t, arg, geometry, spatial_scale, aligned, sampling_ratio, pooled_height,
+                                       pooled_width, onnx, c0, min(c, c0 + block), T, grad_feat.numpy())
+                                      for c0 in range(0, c, block)])
+    if channels_last:
+        grad_input = grad_feat.permute(0, 3, 1, 2)
+    else:
+        grad_input = planar_from_channels_last(grad_feat)
+    grad_input = grad_input.to(input.dtype, memory_format=memory_format)
+    grad_rois = np.zeros((k, 4), dtype=T)
+    if want_rois:
+        workers.run(_backward_rois, [(grad_t, arg, feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio,
+                                      pooled_height, pooled_width, onnx, T, grad_rois)
+                                     for lo, hi in ranges(k, 4 * workers.size())])
     box = torch.from_numpy(grad_rois) * spatial_scale
     return grad_input, torch.cat((torch.zeros_like(box[:, :1]), box), 1).to(rois.dtype)
+
+
+def warmup() -> None:
+    """Compile (or load from the on-disk cache) every kernel for float32 and float64, both readings."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(1, 2, 3, 3, dtype=dtype)
+        rois = torch.tensor([[0, 0.5, 0.5, 2.0, 2.0]] * 4, dtype=dtype)
+        g = torch.zeros(4, 2, 1, 1, dtype=dtype)
+        for onnx in (False, True):
+            forward(x, rois, 1.0, 1, 1, 2, True, onnx)
+            backward(g, x, rois, 1.0, 1, 1, 2, True, onnx, False)

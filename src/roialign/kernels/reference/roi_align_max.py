@@ -237,12 +237,18 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
 
 
 def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-             sampling_ratio: int, aligned: bool, onnx: bool, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """(input gradient in the input's layout, box gradient ``[K, 5]``)."""
+             sampling_ratio: int, aligned: bool, onnx: bool, channels_last: bool, want_input: bool = True,
+             want_rois: bool = True) -> tuple[Tensor, Tensor]:
+    """(input gradient in the input's layout, box gradient ``[K, 5]``); both are computed together
+    here, and one not wanted is returned as zeros, as the other kernels do."""
     n, c, h, w = input.shape
     _, grad_input, grad_rois = _run(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                     onnx, grad)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_input = grad_input.view(n, c, h, w).to(input.dtype, memory_format=memory_format)
     grad_rois = torch.cat((torch.zeros_like(grad_rois[:, :1]), grad_rois * spatial_scale), 1).to(rois.dtype)
+    if not want_input:
+        grad_input = torch.zeros_like(grad_input)
+    if not want_rois:
+        grad_rois = torch.zeros_like(grad_rois)
     return grad_input, grad_rois
