@@ -69,6 +69,27 @@ KERNELS = {
             typical=dict(ALIGNED=(True, False), BLOCK_C=128),
             ones=dict(ALIGNED=False, BLOCK_C=16)),
     },
+    "roi_align_max": {
+        "_forward_kernel": dict(
+            pointers=dict(x_ptr=FEATURE, ylow_ptr="i64", yhigh_ptr="i64", yfrac_ptr=COMPUTE, yin_ptr="i8",
+                          yreal_ptr="i8", xlow_ptr="i64", xhigh_ptr="i64", xfrac_ptr=COMPUTE, xin_ptr="i8",
+                          xreal_ptr="i8", batch_ptr="i32", out_ptr=COMPUTE, arg_ptr="i64"),
+            typical=dict(ONNX=(False, True), RECORD=(False, True), BLOCK_C=64, BLOCK_BINS=64),
+            ones=dict(ONNX=False, RECORD=True, BLOCK_C=16, BLOCK_BINS=1)),
+        "_backward_input_kernel": dict(
+            pointers=dict(grad_ptr=COMPUTE, arg_ptr="i64", ylow_ptr="i64", yhigh_ptr="i64", yfrac_ptr=COMPUTE,
+                          xlow_ptr="i64", xhigh_ptr="i64", xfrac_ptr=COMPUTE, order_ptr="i32", bounds_ptr="i32",
+                          out_ptr=COMPUTE),
+            typical=dict(ONNX=(False, True), BLOCK_C=32, num_warps=1),
+            ones=dict(ONNX=False, BLOCK_C=16, num_warps=1)),
+        "_backward_rois_kernel": dict(
+            pointers=dict(grad_ptr=COMPUTE, arg_ptr="i64", x_ptr=FEATURE, ylow_ptr="i64", yhigh_ptr="i64",
+                          yfrac_ptr=COMPUTE, ymoves_ptr="i8", ydstart_ptr=COMPUTE, ydend_ptr=COMPUTE, xlow_ptr="i64",
+                          xhigh_ptr="i64", xfrac_ptr=COMPUTE, xmoves_ptr="i8", xdstart_ptr=COMPUTE,
+                          xdend_ptr=COMPUTE, batch_ptr="i32", out_ptr=COMPUTE),
+            typical=dict(ONNX=(False, True), BLOCK_C=64),
+            ones=dict(ONNX=False, BLOCK_C=16)),
+    },
     "roi_align_rotated": {
         "_forward_kernel": dict(
             pointers=dict(x_ptr=FEATURE, params_ptr="fp64", first_ptr="i64", count_ptr="i32", base_ptr="fp64",

@@ -224,6 +224,7 @@ def test_nan_box_gives_nan_for_that_box_only_and_inputs_are_untouched(mode):
     torch.testing.assert_close(rois, r0, equal_nan=True, atol=0, rtol=0)
 
 
+@pytest.mark.interpreter_heavy
 def test_backward_is_bitwise_deterministic_on_cpu():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 40, 50, generator=gen)
@@ -237,6 +238,7 @@ def test_backward_is_bitwise_deterministic_on_cpu():
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.interpreter_heavy
 def test_huge_box_is_cheap():
     import time
 

@@ -115,4 +115,4 @@ def select(device: torch.device, operator: str) -> ModuleType:
 
 
 # Operators a backend has no kernel for yet: they run the pure-PyTorch kernel instead.
-NOT_YET = {"triton": frozenset({"roi_align_max"})}
+NOT_YET: dict[str, frozenset[str]] = {}
