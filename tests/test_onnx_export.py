@@ -216,7 +216,7 @@ def test_direct_op_calls(dynamo):
     """torch.ops.roialign.roi_align: the translation table (dynamo) or the registered symbolic (TorchScript)."""
     table = roialign.onnx_translation_table() if dynamo else None
     if dynamo:
-        assert list(table) == [torch.ops.roialign.roi_align.default]
+        assert list(table) == [torch.ops.roialign.roi_align.default, torch.ops.roialign.roi_align_max.default]
     else:
         roialign_onnx.register_legacy_symbolic()
     module = DirectOp()
