@@ -112,6 +112,22 @@ def _time_once(fn: Fn, x: torch.Tensor, rois: torch.Tensor, backward: bool) -> f
     return time.perf_counter() - start
 
 
+def round_robin_rows(workload: Workload, dtype: torch.dtype, threads: int, repeats: int,
+                     providers: dict[str, tuple[Fn, torch.Tensor]]) -> list[dict]:
+    """Time each provider's forward and forward+backward ``repeats`` times, round-robin after one
+    warm-up each (compilation, caches, page mappings); one row of medians per provider."""
+    timings: dict[tuple[str, bool], list[float]] = {}
+    modes = [(name, bwd) for name in providers for bwd in (False, True)]
+    for name, bwd in modes:
+        _time_once(providers[name][0], providers[name][1], None, bwd)
+    for _ in range(repeats):
+        for name, bwd in modes:
+            timings.setdefault((name, bwd), []).append(_time_once(providers[name][0], providers[name][1], None, bwd))
+    return [dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads, provider=name,
+                 fwd_ms=round(statistics.median(timings[(name, False)]) * 1e3, 2),
+                 fwd_bwd_ms=round(statistics.median(timings[(name, True)]) * 1e3, 2)) for name in providers]
+
+
 def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats: int, aligned: bool,
                    quick: bool, only: set[str] | None = None) -> list[dict]:
     torch.set_num_threads(threads)

@@ -9,13 +9,11 @@ apply to it. Correctness in the same run: the Numba max kernels against the pure
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 import roialign
 
-from ._bench import Workload, _time_once
+from ._bench import Workload, round_robin_rows
 
 
 def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats: int, quick: bool,
@@ -63,18 +61,7 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
         check[f"{mode}: numba vs reference (8 channels), output / input grad / box grad"] = (
             float((a - b).abs().max()), float((ga - gb).abs().max()), float((ra - rb).abs().max()))
 
-    timings: dict[tuple[str, bool], list[float]] = {}
-    modes = [(name, bwd) for name in providers for bwd in (False, True)]
-    for name, bwd in modes:  # warm-up: compilation, caches, page mappings
-        _time_once(providers[name][0], providers[name][1], None, bwd)
-    for _ in range(repeats):
-        for name, bwd in modes:
-            timings.setdefault((name, bwd), []).append(_time_once(providers[name][0], providers[name][1], None, bwd))
-    rows = []
-    for name in providers:
-        rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
-                         provider=name, fwd_ms=round(statistics.median(timings[(name, False)]) * 1e3, 2),
-                         fwd_bwd_ms=round(statistics.median(timings[(name, True)]) * 1e3, 2)))
+    rows = round_robin_rows(workload, dtype, threads, repeats, providers)
     for what, diffs in check.items():
         rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
                          provider=f"check: {what}", fwd_ms=None, fwd_bwd_ms=None, max_abs_diff=diffs))

@@ -10,13 +10,11 @@ against the pure-PyTorch one, and, with the angles set to 0, against torchvision
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 import roialign
 
-from ._bench import Workload, _time_once
+from ._bench import Workload, round_robin_rows
 
 
 def rotated_data(workload: Workload, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor,
@@ -81,18 +79,7 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
             (zero.double() - providers["torchvision (axis-aligned)"][0](x, None).double()).abs().max())
     del numba_rotated, reference
 
-    timings: dict[tuple[str, bool], list[float]] = {}
-    modes = [(name, bwd) for name in providers for bwd in (False, True)]
-    for name, bwd in modes:  # warm-up: compilation, caches, page mappings
-        _time_once(providers[name][0], providers[name][1], None, bwd)
-    for _ in range(repeats):
-        for name, bwd in modes:
-            timings.setdefault((name, bwd), []).append(_time_once(providers[name][0], providers[name][1], None, bwd))
-    rows = []
-    for name in providers:
-        rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
-                         provider=name, fwd_ms=round(statistics.median(timings[(name, False)]) * 1e3, 2),
-                         fwd_bwd_ms=round(statistics.median(timings[(name, True)]) * 1e3, 2)))
+    rows = round_robin_rows(workload, dtype, threads, repeats, providers)
     for what, diff in check.items():
         rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
                          provider=f"check: {what}", fwd_ms=None, fwd_bwd_ms=None, max_abs_diff=diff))
