@@ -10,6 +10,9 @@ and writes CSV.
 
 Providers: ``torchvision`` (atomic backward), ``torchvision deterministic`` (the same call under
 ``torch.use_deterministic_algorithms(True)``), ``ours-triton`` (NCHW and channels_last input).
+``--max`` adds ``ours-triton max`` (``mode="max"``, NCHW and channels_last): torchvision has no
+max mode, so those rows are timed beside the average rows, and their "diff" columns compare
+with our pure PyTorch max kernel run on the same device instead.
 
 ``--smoke`` runs the script's own logic on one tiny workload on CPU tensors through Triton's
 interpreter, with a wall-clock timer: a check that the script works, not a measurement.
@@ -36,12 +39,22 @@ TRAIN_BATCH = Workload("train-batch", 8, 256, 200, 272, 8 * 512, 1 / 4, 7, 2)
 SMOKE = Workload("smoke", 2, 16, 24, 20, 12, 1 / 4, 3, 2)
 
 
-def _providers(w: Workload, aligned: bool):
-    def ours(x, rois):
-        with roialign.use_backend("triton"):
-            return roialign.roi_align(x, rois, w.out, w.scale, w.sampling_ratio, aligned)
+def _providers(w: Workload, aligned: bool, with_max: bool = False):
+    def ours(x, rois, mode="avg", backend="triton"):
+        with roialign.use_backend(backend):
+            return roialign.roi_align(x, rois, w.out, w.scale, w.sampling_ratio, aligned, mode=mode)
 
     providers = {"ours-triton": (ours, False), "ours-triton channels_last": (ours, True)}
+    if with_max:
+        def ours_max(x, rois):
+            return ours(x, rois, "max")
+
+        def reference_max(x, rois):
+            return ours(x, rois, "max", "reference")
+
+        ours_max.reference = reference_max
+        providers["ours-triton max"] = (ours_max, False)
+        providers["ours-triton max channels_last"] = (ours_max, True)
     try:
         import torchvision.ops
 
@@ -88,6 +101,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
     parser.add_argument("--settings", default=None,
                         help="JSON of launch parameters to use instead of the shipped ones (tune_cuda.py --best)")
+    parser.add_argument("--max", action="store_true", help="also time mode='max'")
     parser.add_argument("--rep", type=float, default=100, help="do_bench's timing budget per measurement, ms")
     args = parser.parse_args()
     if args.smoke:
@@ -122,7 +136,7 @@ def main() -> None:
         for w in workloads:
             x, rois = w.data(torch.float32)
             x, rois = x.to(device, dtype), rois.to(device, dtype)
-            providers = _providers(w, aligned)
+            providers = _providers(w, aligned, args.max)
             ours = providers["ours-triton"][0]
             ref = ours(x, rois).float()
             grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
@@ -131,8 +145,15 @@ def main() -> None:
             for name, (fn, channels_last) in providers.items():
                 xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
                 try:
-                    diff = float((fn(xi, rois).float() - ref).abs().max())
-                    grad_diff = float((_input_grad(fn, xi, rois, grad).float() - ref_grad.float()).abs().max())
+                    reference = getattr(fn, "reference", None)
+                    want, want_grad = ((reference(x, rois).float(), _input_grad(reference, x, rois, grad))
+                                       if reference else (ref, ref_grad))
+                    diff = float((fn(xi, rois).float() - want).abs().max())
+                    grad_diff = float((_input_grad(fn, xi, rois, grad).float() - want_grad.float()).abs().max())
+                    if reference:
+                        first = _input_grad(fn, xi, rois, grad)
+                        print(f"{w.name:<12} {name}: input gradient bitwise identical across runs: "
+                              f"{torch.equal(first, _input_grad(fn, xi, rois, grad))}")
                     leaf = xi.detach().requires_grad_()
                     fwd = timer(lambda: fn(xi, rois))
                     both = timer(lambda: fn(leaf, rois).backward(grad), grad_to_none=[leaf])
