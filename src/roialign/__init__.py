@@ -3,11 +3,13 @@
 ``roi_align`` (torchvision's signature) and ``ROIAlign`` (the seed's and detectron2's module)
 call one custom operator, ``torch.ops.roialign.roi_align``, whose kernel is chosen per device:
 pure PyTorch (any device), Numba (CPU) or Triton (CUDA). ``roi_align_rotated`` and
-``ROIAlignRotated`` do the same for rotated boxes (``torch.ops.roialign.roi_align_rotated``).
+``ROIAlignRotated`` do the same for rotated boxes (``torch.ops.roialign.roi_align_rotated``),
+``prroi_pool`` and ``PrRoIPool`` for Precise RoI Pooling (``torch.ops.roialign.prroi_pool``).
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.roialign.*)
 from ._backend import available_backends, current_backend, use_backend
+from .api.prroi_pool import PrRoIPool, prroi_pool
 from .api.roi_align import ROIAlign, roi_align
 from .api.roi_align_rotated import ROIAlignRotated, roi_align_rotated
 from .integrations.onnx import onnx_translation_table
@@ -15,7 +17,7 @@ from .integrations.torchvision import patch_torchvision, unpatch_torchvision
 
 __version__ = "0.1.0"
 
-__all__ = ["ROIAlign", "roi_align", "ROIAlignRotated", "roi_align_rotated", "MultiScaleRoIAlign", "assign_levels", "patch_torchvision", "unpatch_torchvision",
+__all__ = ["ROIAlign", "roi_align", "ROIAlignRotated", "roi_align_rotated", "PrRoIPool", "prroi_pool", "MultiScaleRoIAlign", "assign_levels", "patch_torchvision", "unpatch_torchvision",
            "onnx_translation_table", "use_backend", "available_backends", "current_backend", "warmup", "__version__"]
 
 # The pooler subclasses torchvision's when torchvision is importable: it is imported on first use,

@@ -73,12 +73,18 @@ def output_size_pair(output_size: int | Sequence[int]) -> tuple[int, int]:
     return pair
 
 
-def check_scalars(spatial_scale: float, sampling_ratio: int, aligned: bool) -> None:
-    """TypeError/ValueError naming the argument for a bad ``spatial_scale``, ``sampling_ratio`` or ``aligned``."""
+def check_spatial_scale(spatial_scale: float) -> float:
+    """``spatial_scale`` as a float; TypeError/ValueError naming it unless finite and positive."""
     if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
         raise TypeError(f"spatial_scale must be a float; got {spatial_scale!r}")
     if not (math.isfinite(spatial_scale) and spatial_scale > 0):
         raise ValueError(f"spatial_scale must be finite and positive; got {spatial_scale!r}")
+    return float(spatial_scale)
+
+
+def check_scalars(spatial_scale: float, sampling_ratio: int, aligned: bool) -> None:
+    """TypeError/ValueError naming the argument for a bad ``spatial_scale``, ``sampling_ratio`` or ``aligned``."""
+    check_spatial_scale(spatial_scale)
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive sampling); got {sampling_ratio!r}")
     if not isinstance(aligned, bool):

@@ -86,6 +86,12 @@ _MMCV_MAX_MESSAGE = ("roi_align(mode='max') (mmcv's maximum of bilinear samples)
                      "numbers. Use mode='onnx_max' for ONNX's reading.")
 
 
+def refuse_prroi_export() -> None:
+    """PrRoIPool does not export: ONNX has no exact bin integral."""
+    _fail("roialign.prroi_pool has no ONNX equivalent: ONNX's RoiAlign samples bins at points, "
+          "PrRoIPool integrates over them (export the model with roi_align instead, or keep this step in PyTorch)")
+
+
 def refuse_max_export() -> None:
     """``mode="max"`` does not export: ONNX's max is another function."""
     _fail(_MMCV_MAX_MESSAGE)

@@ -34,6 +34,15 @@ def is_channels_last(input: Tensor) -> bool:
     return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
 
 
+def gradient_like(input: Tensor, rois: Tensor, channels_last: bool, zeros: bool = True) -> tuple[Tensor, Tensor]:
+    """(input gradient in the input's layout, ``[K, 5]`` box gradient), zeros or uninitialised: what
+    a backward operator returns when there is nothing to compute, and its fake implementation."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if zeros:
+        return torch.zeros_like(input, memory_format=memory_format), rois.new_zeros(rois.shape)
+    return torch.empty_like(input, memory_format=memory_format), rois.new_empty(rois.shape)
+
+
 def check_batch_index(rois: Tensor, batch_size: int) -> None:
     """IndexError unless every box's batch index is an integer in [0, batch_size).
 

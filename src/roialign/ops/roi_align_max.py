@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, check_tensors, is_channels_last
+from .common import check_batch_index, check_tensors, gradient_like, is_channels_last
 
 __all__ = ["roi_align_max", "roi_align_max_backward"]
 
@@ -51,9 +51,8 @@ def roi_align_max_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_sc
                            want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """Gradients of ``roi_align_max``: the input's (in the input's layout) and the boxes' ``[K, 5]``;
     one not wanted (``want_input``, ``want_rois``) is not computed and comes back as zeros."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if rois.shape[0] == 0 or input.numel() == 0:
-        return torch.zeros_like(input, memory_format=memory_format), rois.new_zeros(rois.shape)
+        return gradient_like(input, rois, channels_last)
     kernel = _backend.select(input.device, _OPERATOR)
     return kernel.backward(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                            onnx, channels_last, want_input, want_rois)
@@ -62,8 +61,7 @@ def roi_align_max_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_sc
 @roi_align_max_backward.register_fake
 def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx, channels_last,
       want_input=True, want_rois=True):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty_like(input, memory_format=memory_format), rois.new_empty(rois.shape)
+    return gradient_like(input, rois, channels_last, zeros=False)
 
 
 def _setup_context(ctx, inputs, output):
