@@ -6,6 +6,7 @@ Examples:
     python benchmarks/bench_cpu.py --workloads sweep                # boxes 10..10,000 and channels
     python benchmarks/bench_cpu.py --op rotated                     # rotated RoIAlign, random angles
     python benchmarks/bench_cpu.py --op max                         # max-mode RoIAlign (mmcv's, ONNX's)
+    python benchmarks/bench_cpu.py --op prroi                       # Precise RoI Pooling
 """
 
 from roialign._bench import main

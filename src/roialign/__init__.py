@@ -39,8 +39,10 @@ def warmup() -> None:
     """Compile the CPU kernels now (or load them from Numba's on-disk cache) instead of on first use."""
     from .kernels.cpu import roi_align as cpu_roi_align
     from .kernels.cpu import roi_align_max as cpu_roi_align_max
+    from .kernels.cpu import prroi_pool as cpu_prroi_pool
     from .kernels.cpu import roi_align_rotated as cpu_roi_align_rotated
 
     cpu_roi_align.warmup()
     cpu_roi_align_rotated.warmup()
     cpu_roi_align_max.warmup()
+    cpu_prroi_pool.warmup()

@@ -128,6 +128,38 @@ def round_robin_rows(workload: Workload, dtype: torch.dtype, threads: int, repea
                  fwd_bwd_ms=round(statistics.median(timings[(name, True)]) * 1e3, 2)) for name in providers]
 
 
+def print_ratio_table(rows: list[dict], peer: str, base: str, base_label: str) -> None:
+    """The table of an operator's benchmark: each row's times, ``x tv`` (the ``peer`` provider's
+    time / this time) and ``/ <base_label>`` (this time / the ``base`` provider's time); rows
+    without times are the run's correctness checks."""
+    key = lambda r: (r["workload"], r["dtype"], r["threads"])  # noqa: E731
+    peers = {key(r): r for r in rows if r["provider"] == peer}
+    bases = {key(r): r for r in rows if r["provider"] == base}
+    width = max([30] + [len(r["provider"]) for r in rows if r["fwd_ms"] is not None])
+    label = f"/ {base_label}"
+    header = (f"{'workload':<12} {'dtype':<8} {'thr':>3} {'provider':<{width}} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+              f"{'x tv fwd':>8} {'x tv f+b':>8} {label + ' fwd':>12} {label + ' f+b':>12}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if r["fwd_ms"] is None:
+            diffs = r["max_abs_diff"]
+            diffs = diffs if isinstance(diffs, (list, tuple)) else [diffs]
+            print(f"{r['workload']:<12} {r['dtype']:<8} {r['threads']:>3} {r['provider']}: max abs diff "
+                  + " / ".join(f"{d:.1e}" for d in diffs))
+            continue
+
+        def ratio(table, field, inverse=False):
+            b = table.get(key(r))
+            if b is None:
+                return "-"
+            return f"{(r[field] / b[field]) if inverse else (b[field] / r[field]):.2f}"
+        print(f"{r['workload']:<12} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<{width}} {r['fwd_ms']:>9.1f} "
+              f"{r['fwd_bwd_ms']:>11.1f} {ratio(peers, 'fwd_ms'):>8} {ratio(peers, 'fwd_bwd_ms'):>8} "
+              f"{ratio(bases, 'fwd_ms', True):>12} {ratio(bases, 'fwd_bwd_ms', True):>12}")
+    print(f"\n'x tv' = {peer}'s time / this time; '/ {base_label}' = this time / {base}'s time")
+
+
 def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats: int, aligned: bool,
                    quick: bool, only: set[str] | None = None) -> list[dict]:
     torch.set_num_threads(threads)
@@ -188,10 +220,11 @@ def _print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="boxhead-P2 and adaptive only, 3 repeats")
-    parser.add_argument("--op", choices=("roi_align", "rotated", "max"), default="roi_align",
+    parser.add_argument("--op", choices=("roi_align", "rotated", "max", "prroi"), default="roi_align",
                         help="rotated: roi_align_rotated on the same workloads with random angles, against "
                              "torchvision's and our axis-aligned kernels on the unrotated boxes; max: "
-                             "roi_align(mode='max' / 'onnx_max') against torchvision's and our average")
+                             "roi_align(mode='max' / 'onnx_max') against torchvision's and our average; prroi: "
+                             "prroi_pool against torchvision's and our roi_align with sampling_ratio=2")
     parser.add_argument("--workloads", default=None, help=f"comma-separated, from {', '.join(WORKLOADS)}, sweep")
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: all cores)")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, float64")
@@ -229,14 +262,17 @@ def main(argv: list[str] | None = None) -> None:
                 elif args.op == "max":
                     from . import _bench_max
                     rows += _bench_max.bench_workload(workload, dtype, t, repeats, args.quick, only)
+                elif args.op == "prroi":
+                    from . import _bench_prroi
+                    rows += _bench_prroi.bench_workload(workload, dtype, t, repeats, args.quick, only)
                 else:
                     rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick, only)
     if args.op == "rotated":
-        from . import _bench_rotated
-        _bench_rotated.print_table(rows)
+        print_ratio_table(rows, "torchvision (axis-aligned)", "ours-numba (axis-aligned)", "axis")
     elif args.op == "max":
-        from . import _bench_max
-        _bench_max.print_table(rows)
+        print_ratio_table(rows, "torchvision (avg)", "ours-numba (avg)", "avg")
+    elif args.op == "prroi":
+        print_ratio_table(rows, "torchvision roi_align sr=2", "ours-numba roi_align sr=2", "roi_align")
     else:
         _print_table(rows)
     if args.csv:

@@ -66,28 +66,3 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
         rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
                          provider=f"check: {what}", fwd_ms=None, fwd_bwd_ms=None, max_abs_diff=diffs))
     return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    key = lambda r: (r["workload"], r["dtype"], r["threads"])  # noqa: E731
-    tv = {key(r): r for r in rows if r["provider"] == "torchvision (avg)"}
-    avg = {key(r): r for r in rows if r["provider"] == "ours-numba (avg)"}
-    header = (f"{'workload':<12} {'dtype':<8} {'thr':>3} {'provider':<30} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-              f"{'x tv fwd':>8} {'x tv f+b':>8} {'/ avg fwd':>9} {'/ avg f+b':>9}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if r["fwd_ms"] is None:
-            print(f"{r['workload']:<12} {r['dtype']:<8} {r['threads']:>3} {r['provider']}: "
-                  + " / ".join(f"{d:.1e}" for d in r["max_abs_diff"]))
-            continue
-
-        def ratio(base, field, inverse=False):
-            b = base.get(key(r))
-            if b is None:
-                return "-"
-            return f"{(r[field] / b[field]) if inverse else (b[field] / r[field]):.2f}"
-        print(f"{r['workload']:<12} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<30} {r['fwd_ms']:>9.1f} "
-              f"{r['fwd_bwd_ms']:>11.1f} {ratio(tv, 'fwd_ms'):>8} {ratio(tv, 'fwd_bwd_ms'):>8} "
-              f"{ratio(avg, 'fwd_ms', True):>9} {ratio(avg, 'fwd_bwd_ms', True):>9}")
-    print("\n'x tv' = torchvision's average time / this time; '/ avg' = this time / our average's time")

@@ -84,28 +84,3 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
         rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
                          provider=f"check: {what}", fwd_ms=None, fwd_bwd_ms=None, max_abs_diff=diff))
     return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    key = lambda r: (r["workload"], r["dtype"], r["threads"])  # noqa: E731
-    tv = {key(r): r for r in rows if r["provider"] == "torchvision (axis-aligned)"}
-    axis = {key(r): r for r in rows if r["provider"] == "ours-numba (axis-aligned)"}
-    header = (f"{'workload':<12} {'dtype':<8} {'thr':>3} {'provider':<34} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-              f"{'x tv fwd':>8} {'x tv f+b':>8} {'/ axis fwd':>10} {'/ axis f+b':>10}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if r["fwd_ms"] is None:
-            print(f"{r['workload']:<12} {r['dtype']:<8} {r['threads']:>3} {r['provider']}: max abs diff "
-                  f"{r['max_abs_diff']:.1e}")
-            continue
-
-        def ratio(base, field, inverse=False):
-            b = base.get(key(r))
-            if b is None:
-                return "-"
-            return f"{(r[field] / b[field]) if inverse else (b[field] / r[field]):.2f}"
-        print(f"{r['workload']:<12} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<34} {r['fwd_ms']:>9.1f} "
-              f"{r['fwd_bwd_ms']:>11.1f} {ratio(tv, 'fwd_ms'):>8} {ratio(tv, 'fwd_bwd_ms'):>8} "
-              f"{ratio(axis, 'fwd_ms', True):>10} {ratio(axis, 'fwd_bwd_ms', True):>10}")
-    print("\n'x tv' = torchvision's axis-aligned time / this time; '/ axis' = this time / our axis-aligned time")

@@ -1,0 +1,383 @@
+"""Precise RoI Pooling on the CPU: Numba kernels on our thread pool, bitwise deterministic.
+
+The geometry (which integral-image entries each bin reads, with which coefficients) is
+``kernels/reference/prroi_pool.py``'s, computed once per call on small ``[K, P, 6]`` tensors; the
+kernels here do the reads, which are the cost. The integral image is float64 and channels-last,
+so an entry is one contiguous run of channels, and a bin costs at most 6 x 6 runs whatever its
+area.
+
+- integral image: threads take runs of rows (prefix sums along each row), then runs of columns
+  (prefix sums down each column).
+- forward: threads take runs of boxes; a bin accumulates its entries in float64.
+- input gradient: the gradient of the integral image, then suffix sums (the integral image's
+  adjoint). Each thread owns one image and a block of channels and walks that image's boxes in
+  order, so each element has one writer and a fixed order of accumulation.
+- box gradient: one run of boxes per job; per entry, one dot product over channels with the
+  output gradient serves the derivatives by all four edges of the bin.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..reference import prroi_pool as shared
+from ..reference.common import compute_dtype
+from .common import JIT, channels_last_view, empty, planar_from_channels_last, ranges, transpose_boxes, workers
+
+
+# The geometry of ``kernels/reference/prroi_pool.py`` (see there), per box: the same formulas,
+# without the hundred small tensor operations that cost more than the kernel on small workloads.
+
+
+@numba.njit(inline="always", **JIT)
+def _tap(start, end, i):
+    """(weight, d/d start, d/d end) of pixel ``i`` in the bin ``[start, end]``."""
+    u, v, width = start - i, end - i, end - start
+    hu = max(0.0, 1.0 - abs(u))
+    if width <= 0.0:
+        slope = 0.5 if (u >= -1.0 and u < 0.0) else (-0.5 if (u >= 0.0 and u < 1.0) else 0.0)
+        return hu, slope, slope
+    weight = 0.0
+    for lo in (-1.0, 0.0):
+        hi = lo + 1.0
+        covered = max(0.0, width - max(0.0, lo - u) - max(0.0, v - hi))
+        weight += covered * (1.0 - abs(0.5 * (max(u, lo) + min(v, hi))))
+    weight /= width
+    return weight, (weight - hu) / width, (max(0.0, 1.0 - abs(v)) - weight) / width
+
+
+@numba.njit(inline="always", **JIT)
+def _corner(x, size):
+    """(n, a0, a1, a2, da0, da1, da2) of the prefix form at ``x``."""
+    x = min(max(x, -3.0), size + 3.0)
+    n = np.floor(x)
+    t = x - n
+    return int(n), (1 - t) ** 2 / 2, 0.5 + t - t * t, t * t / 2, t - 1, 1 - 2 * t, t
+
+
+@numba.njit(**JIT)
+def _axis(start, end, size, k, p, index, value, d_start, d_end):
+    """Row ``[k, p]`` of the four ``Axis`` arrays: the bin ``[start, end]`` along ``size`` pixels."""
+    first = min(max(np.floor(min(max(start, -1.0), size)), 0.0), size - 1.0)
+    last = min(max(np.ceil(min(max(end, -1.0), size)), 0.0), size - 1.0)
+    taps = max(int(last - first) + 1, 1)
+    f = int(first)
+    if taps < 6:
+        pw, pds, pde = 0.0, 0.0, 0.0
+        for e in range(6):
+            w, ds, de = _tap(start, end, f + e) if e < taps else (0.0, 0.0, 0.0)
+            index[k, p, e] = min(f + e, size)
+            value[k, p, e], d_start[k, p, e], d_end[k, p, e] = pw - w, pds - ds, pde - de
+            pw, pds, pde = w, ds, de
+        return
+    width = end - start
+    n, a0, a1, a2, da0, da1, da2 = _corner(start, size)
+    for e, a, da in ((0, a0, da0), (1, a1, da1), (2, a2, da2)):
+        index[k, p, e] = min(max(n + e, 0), size)
+        value[k, p, e] = -a / width
+        d_start[k, p, e] = (-da + value[k, p, e]) / width
+        d_end[k, p, e] = -value[k, p, e] / width
+    n, a0, a1, a2, da0, da1, da2 = _corner(end, size)
+    for e, a, da in ((3, a0, da0), (4, a1, da1), (5, a2, da2)):
+        index[k, p, e] = min(max(n + e - 3, 0), size)
+        value[k, p, e] = a / width
+        d_start[k, p, e] = value[k, p, e] / width
+        d_end[k, p, e] = (da - value[k, p, e]) / width
+
+
+@numba.njit(**JIT)
+def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, finite, batch, xi, xv, xds, xde, yi, yv, yds, yde):
+    pooled_h, pooled_w = yi.shape[1], xi.shape[1]
+    for k in range(lo, hi):
+        x1, y1 = rois[k, 1] * spatial_scale, rois[k, 2] * spatial_scale
+        x2, y2 = rois[k, 3] * spatial_scale, rois[k, 4] * spatial_scale
+        finite[k] = np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)
+        batch[k] = int(rois[k, 0])
+        if not finite[k]:
+            x1, y1, x2, y2 = 0.0, 0.0, 0.0, 0.0
+        bw, bh = max(x2 - x1, 0.0) / pooled_w, max(y2 - y1, 0.0) / pooled_h
+        for p in range(pooled_w):
+            _axis(x1 + bw * p, x1 + bw * (p + 1), width, k, p, xi, xv, xds, xde)
+        for q in range(pooled_h):
+            _axis(y1 + bh * q, y1 + bh * (q + 1), height, k, q, yi, yv, yds, yde)
+
+
+@numba.njit(**JIT)
+def _integral(feat, b, c0, c1, s):
+    """``s[b, r, k, c] = feat[b, :r, :k, c].sum()`` for channels ``[c0, c1)``, in one pass: each
+    row adds its running sum to the row above (which is still in cache)."""
+    height, width = feat.shape[1], feat.shape[2]
+    acc = np.empty(c1 - c0, np.float64)
+    s[b, 0, :, c0:c1] = 0.0
+    for r in range(height):
+        acc[:] = 0.0
+        s[b, r + 1, 0, c0:c1] = 0.0
+        for k in range(width):
+            for c in range(c0, c1):
+                acc[c - c0] += feat[b, r, k, c]
+                s[b, r + 1, k + 1, c] = s[b, r, k + 1, c] + acc[c - c0]
+
+
+@numba.njit(**JIT)
+def _suffix(grad_s, b, c0, c1, grad_feat):
+    """The adjoint of ``_integral`` for channels ``[c0, c1)``, in one pass from the bottom right:
+    ``grad_feat[b, j, i, c] = grad_s[b, j + 1:, i + 1:, c].sum()``. ``grad_s`` is overwritten
+    with its suffix sums."""
+    height, width = grad_feat.shape[1], grad_feat.shape[2]
+    acc = np.empty(c1 - c0, np.float64)
+    for r in range(height, 0, -1):
+        acc[:] = 0.0
+        for k in range(width, 0, -1):
+            for c in range(c0, c1):
+                acc[c - c0] += grad_s[b, r, k, c]
+                total = acc[c - c0] + (grad_s[b, r + 1, k, c] if r < height else 0.0)
+                grad_s[b, r, k, c] = total
+                grad_feat[b, r - 1, k - 1, c] = total
+
+
+@numba.njit(**JIT)
+def _rows_read(k, yi, yv, yds, yde, derivatives, used):
+    """Mark in ``used`` the integral-image rows that box ``k``'s bins read (with a nonzero value
+    coefficient, or derivative coefficient when ``derivatives``); return (first, last) or (0, -1)."""
+    first, last = used.shape[0], -1
+    for q in range(yi.shape[1]):
+        for ey in range(yi.shape[2]):
+            if yv[k, q, ey] != 0.0 or (derivatives and (yds[k, q, ey] != 0.0 or yde[k, q, ey] != 0.0)):
+                r = yi[k, q, ey]
+                used[r] = True
+                first, last = min(first, r), max(last, r)
+    return first, last
+
+
+@numba.njit(inline="always", **JIT)
+def _row_sums(s, b, k, r, xi, xv, c0, c1, rows):
+    """``rows[r, p, c] = sum_ex xv[k, p, ex] * s[b, r, xi[k, p, ex], c]``: row r of the map seen
+    through every bin column of box k."""
+    for p in range(xi.shape[1]):
+        rows[r, p, c0:c1] = 0.0
+        for ex in range(xi.shape[2]):
+            cx = xv[k, p, ex]
+            if cx != 0.0:
+                col = xi[k, p, ex]
+                for c in range(c0, c1):
+                    rows[r, p, c] += cx * s[b, r, col, c]
+
+
+@numba.njit(inline="always", **JIT)
+def _spread_rows(grad, k, yi, yv, first, last, used, c0, c1, spread):
+    """``spread[r, p, c] = sum over (q, ey) reading row r of yv[k, q, ey] * grad[k, q * PW + p, c]``."""
+    pooled_w = spread.shape[1]
+    for r in range(first, last + 1):
+        if used[r]:
+            spread[r, :, c0:c1] = 0.0
+    for q in range(yi.shape[1]):
+        for ey in range(yi.shape[2]):
+            cy = yv[k, q, ey]
+            if cy != 0.0:
+                r = yi[k, q, ey]
+                for p in range(pooled_w):
+                    for c in range(c0, c1):
+                        spread[r, p, c] += cy * grad[k, q * pooled_w + p, c]
+
+
+@numba.njit(**JIT)
+def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
+    """Boxes ``boxes``: ``out[k, c, q * PW + p]``. Per box, each row the bins read is first
+    summed along x for every bin column (rows are shared by neighbouring bins), then the bins
+    sum their rows."""
+    channels = s.shape[3]
+    pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
+    rows = np.empty((s.shape[1], pooled_w, channels), np.float64)
+    used = np.zeros(s.shape[1], np.bool_)
+    acc = np.empty(channels, np.float64)
+    for k in boxes:
+        if not finite[k]:
+            out[k] = np.nan
+            continue
+        b = batch[k]
+        first, last = _rows_read(k, yi, yv, yv, yv, False, used)
+        for r in range(first, last + 1):
+            if used[r]:
+                _row_sums(s, b, k, r, xi, xv, 0, channels, rows)
+                used[r] = False
+        for q in range(pooled_h):
+            for p in range(pooled_w):
+                acc[:] = 0.0
+                for ey in range(entries):
+                    cy = yv[k, q, ey]
+                    if cy != 0.0:
+                        r = yi[k, q, ey]
+                        for c in range(channels):
+                            acc[c] += cy * rows[r, p, c]
+                for c in range(channels):
+                    out[k, c, q * pooled_w + p] = acc[c]
+
+
+@numba.njit(**JIT)
+def _backward_input(grad, boxes, finite, xi, xv, yi, yv, b, c0, c1, grad_s):
+    """Image ``b``'s boxes ``boxes`` (in order), channels ``[c0, c1)``: ``grad_s += grad * Ay * Ax``,
+    through the rows each box reads (the forward's two steps, transposed)."""
+    pooled_w, entries = xi.shape[1], xi.shape[2]
+    spread = np.empty((grad_s.shape[1], pooled_w, grad_s.shape[3]), np.float64)
+    used = np.zeros(grad_s.shape[1], np.bool_)
+    for k in boxes:
+        if not finite[k]:
+            continue
+        first, last = _rows_read(k, yi, yv, yv, yv, False, used)
+        _spread_rows(grad, k, yi, yv, first, last, used, c0, c1, spread)
+        for r in range(first, last + 1):
+            if not used[r]:
+                continue
+            used[r] = False
+            for p in range(pooled_w):
+                for ex in range(entries):
+                    cx = xv[k, p, ex]
+                    if cx != 0.0:
+                        col = xi[k, p, ex]
+                        for c in range(c0, c1):
+                            grad_s[b, r, col, c] += cx * spread[r, p, c]
+
+
+@numba.njit(**JIT)
+def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, lo, hi, gxs, gxe, gys, gye):
+    """Boxes ``[lo, hi)``: derivatives of ``sum(grad * out)`` by every bin's four edges.
+
+    By x edges: the output gradient spread onto the rows (as for the input gradient), dotted
+    with the entries' columns. By y edges: the rows summed along x (as in the forward), dotted
+    with the output gradient."""
+    channels = s.shape[3]
+    pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
+    rows = np.empty((s.shape[1], pooled_w, channels), np.float64)
+    spread = np.empty((s.shape[1], pooled_w, channels), np.float64)
+    used = np.zeros(s.shape[1], np.bool_)
+    for k in range(lo, hi):
+        if not finite[k]:
+            continue
+        b = batch[k]
+        first, last = _rows_read(k, yi, yv, yds, yde, True, used)
+        _spread_rows(grad, k, yi, yv, first, last, used, 0, channels, spread)
+        for r in range(first, last + 1):
+            if not used[r]:
+                continue
+            used[r] = False
+            _row_sums(s, b, k, r, xi, xv, 0, channels, rows)
+            for p in range(pooled_w):
+                for ex in range(entries):
+                    if xds[k, p, ex] == 0.0 and xde[k, p, ex] == 0.0:
+                        continue
+                    col = xi[k, p, ex]
+                    dot = 0.0
+                    for c in range(channels):
+                        dot += spread[r, p, c] * s[b, r, col, c]
+                    gxs[k, p] += xds[k, p, ex] * dot
+                    gxe[k, p] += xde[k, p, ex] * dot
+        for q in range(pooled_h):
+            for ey in range(entries):
+                if yds[k, q, ey] == 0.0 and yde[k, q, ey] == 0.0:
+                    continue
+                r = yi[k, q, ey]
+                dot = 0.0
+                for p in range(pooled_w):
+                    for c in range(channels):
+                        dot += grad[k, q * pooled_w + p, c] * rows[r, p, c]
+                gys[k, q] += yds[k, q, ey] * dot
+                gye[k, q] += yde[k, q, ey] * dot
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: torch tensors in, torch tensors out.
+
+
+def _integral_image(input: Tensor) -> np.ndarray:
+    n, c, h, w = input.shape
+    feat = channels_last_view(input.detach().to(compute_dtype(input.dtype)))
+    s = empty((n, h + 1, w + 1, c), torch.float64).numpy()
+    block = max(8, -(-c // max(1, workers.size() // n)))
+    workers.run(_integral, [(feat, b, c0, min(c, c0 + block), s) for b in range(n) for c0 in range(0, c, block)])
+    return s
+
+
+def _row_order(batch: np.ndarray, yi: np.ndarray) -> np.ndarray:
+    """Boxes by image, then by the first row they read: consecutive boxes of a thread read
+    nearby rows of the integral image, which are then still in cache."""
+    return np.lexsort((yi[:, 0, 0], batch))
+
+
+def _geometry(rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int, height: int, width: int):
+    """(finite as a tensor, finite, batch index, [xi, xv, xds, xde, yi, yv, yds, yde]) as numpy arrays."""
+    k, entries = rois.shape[0], shared.ENTRIES
+    r = rois.detach().double().contiguous().numpy()
+    finite, batch = np.empty(k, np.bool_), np.empty(k, np.int64)
+    x = [np.empty((k, pooled_width, entries), np.int64)] + [np.empty((k, pooled_width, entries)) for _ in range(3)]
+    y = [np.empty((k, pooled_height, entries), np.int64)] + [np.empty((k, pooled_height, entries)) for _ in range(3)]
+    workers.run(_geometry_kernel, [(r, spatial_scale, height, width, lo, hi, finite, batch, *x, *y)
+                                   for lo, hi in ranges(k, 2 * workers.size())])
+    return torch.from_numpy(finite), finite, batch, x + y
+
+
+def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    _, finite, batch, (xi, xv, _, _, yi, yv, _, _) = _geometry(rois, spatial_scale, pooled_height, pooled_width, h, w)
+    s = _integral_image(input)
+    out = empty((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
+    out_np = out.view(k, c, pooled_height * pooled_width).numpy()
+    order = _row_order(batch, yi)
+    workers.run(_forward, [(s, batch, finite, xi, xv, yi, yv, order[lo:hi], out_np)
+                           for lo, hi in ranges(k, 4 * workers.size())])
+    return out.to(input.dtype)
+
+
+def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+             channels_last: bool, want_input: bool = True, want_rois: bool = True) -> tuple[Tensor, Tensor]:
+    """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    finite_t, finite, batch, (xi, xv, xds, xde, yi, yv, yds, yde) = _geometry(
+        rois, spatial_scale, pooled_height, pooled_width, h, w)
+    bins = pooled_height * pooled_width
+    grad_np = grad.detach().double().contiguous().view(k, c, bins).numpy()
+    grad_t = empty((k, bins, c), torch.float64).numpy()  # [K, bins, C]: channel runs
+    workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if want_input:
+        grad_s = empty((n, h + 1, w + 1, c), torch.float64).zero_()
+        gs = grad_s.numpy()
+        order = np.argsort(batch, kind="stable")
+        starts = np.searchsorted(batch[order], np.arange(n + 1))
+        block = max(16, -(-c // max(1, workers.size() // max(1, n))))
+        workers.run(_backward_input, [(grad_t, order[starts[b]:starts[b + 1]], finite, xi, xv, yi, yv, b, c0,
+                                       min(c, c0 + block), gs)
+                                      for b in range(n) if starts[b + 1] > starts[b] for c0 in range(0, c, block)])
+        grad_feat = empty((n, h, w, c), compute_dtype(input.dtype))
+        block = max(8, -(-c // max(1, workers.size() // n)))
+        workers.run(_suffix, [(gs, b, c0, min(c, c0 + block), grad_feat.numpy()) for b in range(n)
+                              for c0 in range(0, c, block)])
+        if channels_last:
+            grad_input = grad_feat.permute(0, 3, 1, 2)
+        else:
+            grad_input = planar_from_channels_last(grad_feat)
+        grad_input = grad_input.to(input.dtype, memory_format=memory_format)
+    else:
+        grad_input = torch.zeros_like(input, memory_format=memory_format)
+    if not want_rois:
+        return grad_input, rois.new_zeros(rois.shape)
+    s = _integral_image(input)
+    gxs, gxe = np.zeros((k, pooled_width)), np.zeros((k, pooled_width))
+    gys, gye = np.zeros((k, pooled_height)), np.zeros((k, pooled_height))
+    workers.run(_backward_rois, [(grad_t, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, lo, hi, gxs, gxe,
+                                  gys, gye) for lo, hi in ranges(k, 4 * workers.size())])
+    grad_rois = shared.box_gradient(rois, spatial_scale, finite_t, *(torch.from_numpy(t) for t in (gxs, gxe, gys, gye)))
+    return grad_input, grad_rois.to(rois.dtype)
+
+
+def warmup() -> None:
+    """Compile (or load from the on-disk cache) every kernel, for float32 and float64 input."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(1, 2, 3, 3, dtype=dtype)
+        rois = torch.tensor([[0, 0.5, 0.5, 2.0, 2.0]] * 4, dtype=dtype)
+        forward(x, rois, 1.0, 1, 1)
+        backward(torch.zeros(4, 2, 1, 1, dtype=dtype), x, rois, 1.0, 1, 1, False)
