@@ -10,9 +10,10 @@ and writes CSV.
 
 Providers: ``torchvision`` (atomic backward), ``torchvision deterministic`` (the same call under
 ``torch.use_deterministic_algorithms(True)``), ``ours-triton`` (NCHW and channels_last input).
-``--max`` adds ``ours-triton max`` (``mode="max"``, NCHW and channels_last): torchvision has no
-max mode, so those rows are timed beside the average rows, and their "diff" columns compare
-with our pure PyTorch max kernel run on the same device instead.
+``--max`` adds ``ours-triton max`` (``mode="max"``) and ``--prroi`` adds ``ours-triton prroi_pool``
+(NCHW and channels_last): torchvision has neither, so those rows are timed beside the average
+rows, and their "diff" columns compare with our pure PyTorch kernel of the same operator run on
+the same device instead.
 
 ``--smoke`` runs the script's own logic on one tiny workload on CPU tensors through Triton's
 interpreter, with a wall-clock timer: a check that the script works, not a measurement.
@@ -39,7 +40,7 @@ TRAIN_BATCH = Workload("train-batch", 8, 256, 200, 272, 8 * 512, 1 / 4, 7, 2)
 SMOKE = Workload("smoke", 2, 16, 24, 20, 12, 1 / 4, 3, 2)
 
 
-def _providers(w: Workload, aligned: bool, with_max: bool = False):
+def _providers(w: Workload, aligned: bool, with_max: bool = False, with_prroi: bool = False):
     def ours(x, rois, mode="avg", backend="triton"):
         with roialign.use_backend(backend):
             return roialign.roi_align(x, rois, w.out, w.scale, w.sampling_ratio, aligned, mode=mode)
@@ -55,6 +56,14 @@ def _providers(w: Workload, aligned: bool, with_max: bool = False):
         ours_max.reference = reference_max
         providers["ours-triton max"] = (ours_max, False)
         providers["ours-triton max channels_last"] = (ours_max, True)
+    if with_prroi:
+        def prroi(x, rois, backend="triton"):
+            with roialign.use_backend(backend):
+                return roialign.prroi_pool(x, rois, w.out, w.scale)
+
+        prroi.reference = lambda x, rois: prroi(x, rois, "reference")
+        providers["ours-triton prroi_pool"] = (prroi, False)
+        providers["ours-triton prroi_pool channels_last"] = (prroi, True)
     try:
         import torchvision.ops
 
@@ -102,6 +111,7 @@ def main() -> None:
     parser.add_argument("--settings", default=None,
                         help="JSON of launch parameters to use instead of the shipped ones (tune_cuda.py --best)")
     parser.add_argument("--max", action="store_true", help="also time mode='max'")
+    parser.add_argument("--prroi", action="store_true", help="also time prroi_pool")
     parser.add_argument("--rep", type=float, default=100, help="do_bench's timing budget per measurement, ms")
     args = parser.parse_args()
     if args.smoke:
@@ -136,7 +146,7 @@ def main() -> None:
         for w in workloads:
             x, rois = w.data(torch.float32)
             x, rois = x.to(device, dtype), rois.to(device, dtype)
-            providers = _providers(w, aligned, args.max)
+            providers = _providers(w, aligned, args.max, args.prroi)
             ours = providers["ours-triton"][0]
             ref = ours(x, rois).float()
             grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)

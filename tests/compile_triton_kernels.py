@@ -90,6 +90,24 @@ KERNELS = {
             typical=dict(ONNX=(False, True), BLOCK_C=64),
             ones=dict(ONNX=False, BLOCK_C=16)),
     },
+    "prroi_pool": {
+        "_forward_kernel": dict(
+            pointers=dict(s_ptr="fp64", batch_ptr="i64", xi_ptr="i64", xv_ptr="fp64", yi_ptr="i64", yv_ptr="fp64",
+                          out_ptr=COMPUTE),
+            typical=dict(ENTRIES=6, BLOCK_C=128),
+            ones=dict(ENTRIES=6, BLOCK_C=16)),
+        "_backward_input_kernel": dict(
+            pointers=dict(grad_ptr=COMPUTE, source_ptr="i64", coef_ptr="fp64", start_ptr="i64", count_ptr="i64",
+                          target_ptr="i64", grad_s_ptr="fp64"),
+            typical=dict(BLOCK_C=128),
+            ones=dict(BLOCK_C=16)),
+        "_backward_rois_kernel": dict(
+            pointers=dict(s_ptr="fp64", grad_ptr=COMPUTE, batch_ptr="i64", xi_ptr="i64", xv_ptr="fp64",
+                          xds_ptr="fp64", xde_ptr="fp64", yi_ptr="i64", yv_ptr="fp64", yds_ptr="fp64",
+                          yde_ptr="fp64", out_ptr="fp64"),
+            typical=dict(ENTRIES=6, BLOCK_C=128),
+            ones=dict(ENTRIES=6, BLOCK_C=16)),
+    },
     "roi_align_rotated": {
         "_forward_kernel": dict(
             pointers=dict(x_ptr=FEATURE, params_ptr="fp64", first_ptr="i64", count_ptr="i32", base_ptr="fp64",

@@ -29,7 +29,7 @@ def pytest_configure(config):
 # ``interpreter_heavy``; opcheck, compile and gradcheck of this backend belong to a GPU run.
 INTERPRETED_STRIDE = {"seed": 10}
 INTERPRETED_MODULES = {"test_bands.py", "test_correctness.py", "test_errors.py", "test_layouts.py", "test_onnx_peer.py",
-                       "test_rotated.py", "test_max_mode.py"}
+                       "test_rotated.py", "test_max_mode.py", "test_prroi_pool.py"}
 
 
 def cpu_backends() -> list[str]:

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("extra", [[], ["--max"]])
+@pytest.mark.parametrize("extra", [[], ["--max", "--prroi"]])
 def test_bench_cuda_smoke_checks_correctness_and_writes_csv(tmp_path, extra):
     out = tmp_path / "cuda.csv"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cuda.py"), "--smoke", "--csv", str(out),
@@ -24,7 +24,8 @@ def test_bench_cuda_smoke_checks_correctness_and_writes_csv(tmp_path, extra):
     rows = list(csv.DictReader(out.open()))
     assert {row["provider"] for row in rows} >= {"ours-triton", "ours-triton channels_last"}
     if extra:
-        assert {row["provider"] for row in rows} >= {"ours-triton max", "ours-triton max channels_last"}
+        assert {row["provider"] for row in rows} >= {"ours-triton max", "ours-triton max channels_last",
+                                                     "ours-triton prroi_pool", "ours-triton prroi_pool channels_last"}
     for row in rows:
         assert float(row["fwd_ms"]) > 0 and float(row["fwd_bwd_ms"]) > 0
         assert float(row["max_abs_diff_vs_ours"]) < 1e-5 and float(row["max_abs_grad_diff_vs_ours"]) < 1e-5

@@ -186,3 +186,42 @@ def test_cuda_max_mode_backward_is_bitwise_deterministic():
             roialign.roi_align(x, rois.cuda(), 7, 1 / 8, 2, True, mode=mode).square().sum().backward()
             grads.append(x.grad.clone())
         assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_cuda_prroi_pool_matches_cpu(seed):
+    case = random_case(seed)
+
+    def run(device):
+        x = case.x.detach().to(device).requires_grad_()
+        rois = case.rois.detach().to(device).requires_grad_()
+        out = roialign.prroi_pool(x, rois, case.output_size, case.spatial_scale)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device, dtype=out.dtype).reshape(out.shape))
+        return [t.detach().cpu() for t in (out, x.grad, rois.grad)]
+
+    with roialign.use_backend("numba"):
+        want = run("cpu")
+    with roialign.use_backend("triton"):
+        got = run("cuda")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_prroi_pool_dtypes_and_determinism(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, 100, 136, generator=gen).to("cuda", dtype).requires_grad_()
+    xy = torch.rand(1024, 2, generator=gen) * 800
+    rois = torch.cat((torch.randint(0, 2, (1024, 1), generator=gen).float(), xy, xy + 4 + torch.rand(1024, 2) * 300), 1)
+    rois = rois.cuda().requires_grad_()
+    grads = []
+    for _ in range(2):
+        x.grad, rois.grad = None, None
+        out = roialign.prroi_pool(x, rois, 7, 1 / 8)
+        out.float().square().sum().backward()
+        grads.append((out.detach().clone(), x.grad.clone(), rois.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    with roialign.use_backend("numba"):
+        want = roialign.prroi_pool(x.detach().cpu().float(), rois.detach().cpu(), 7, 1 / 8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grads[0][0].cpu().float(), want, atol=tol, rtol=tol)

@@ -113,6 +113,7 @@ def test_box_gradient_matches_finite_differences(seed):
     np.testing.assert_allclose(gr.numpy(), want, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.interpreter_heavy
 def test_gradcheck_with_respect_to_input_and_boxes():
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.standard_normal((2, 3, 6, 7))).requires_grad_()
@@ -218,6 +219,7 @@ def test_huge_box_is_cheap():
             torch.testing.assert_close(out[0, :, q, p], want, atol=0, rtol=1e-6)
 
 
+@pytest.mark.interpreter_heavy
 def test_backward_is_bitwise_deterministic_on_cpu():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 40, 50, generator=gen)

@@ -115,4 +115,4 @@ def select(device: torch.device, operator: str) -> ModuleType:
 
 
 # Operators a backend has no kernel for yet: they run the pure-PyTorch kernel instead.
-NOT_YET: dict[str, frozenset[str]] = {"triton": frozenset({"prroi_pool"})}
+NOT_YET: dict[str, frozenset[str]] = {}
