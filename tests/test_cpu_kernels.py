@@ -167,3 +167,60 @@ def test_nhwc_to_nchw_copy_matches_permute(shape, dtype):
     assert got.is_contiguous() and got.shape == (shape[0], shape[3], shape[1], shape[2])
     assert torch.equal(got, t.permute(0, 3, 1, 2))
     assert torch.equal(t, before)
+
+
+# --- PrRoIPool: the two ways the Numba kernels read the map ---------------------------------------
+
+
+@pytest.mark.parametrize("taps", [0, 3, 12])
+@pytest.mark.parametrize("seed", range(0, 100, 4))
+def test_prroi_pool_reads_the_map_or_its_integral_image_alike(seed, taps, monkeypatch):
+    """Boxes with narrow bins read the pixels themselves, others the integral image; 0 sends
+    every box through the integral image, 3 splits the random cases' boxes between the two."""
+    import oracle_prroi
+    from cases import random_case
+    from roialign.kernels.cpu import prroi_pool as cpu_prroi
+
+    monkeypatch.setattr(cpu_prroi, "_DIRECT_TAPS", taps)
+    monkeypatch.setattr(cpu_prroi, "_DIRECT_TAPS_BACKWARD", taps)
+    case = random_case(seed)
+    x = case.x.detach().clone().requires_grad_()
+    rois = case.rois.detach().clone().requires_grad_()
+    with roialign.use_backend("numba"):
+        out = roialign.prroi_pool(x, rois, case.output_size, case.spatial_scale)
+    grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    out.backward(grad)
+    args = (case.spatial_scale, case.output_size)
+    np.testing.assert_allclose(out.detach().numpy(), oracle_prroi.prroi_pool(x.detach().numpy(), rois.detach().numpy(),
+                                                                             *args), atol=1e-10, rtol=1e-10)
+    np.testing.assert_allclose(x.grad.numpy(), oracle_prroi.input_gradient(grad.numpy(), x.shape, rois.detach().numpy(),
+                                                                           *args), atol=1e-10, rtol=1e-10)
+    box_grad = rois.grad.clone()
+    rois.grad = None
+    with roialign.use_backend("reference"):
+        roialign.prroi_pool(x.detach(), rois, case.output_size, case.spatial_scale).backward(grad)
+    torch.testing.assert_close(box_grad, rois.grad, atol=1e-9, rtol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("taps", [0, 6])
+def test_prroi_pool_paths_on_a_mixed_workload(taps, monkeypatch):
+    """Many boxes of every size on a larger map: both paths in one call, against the reference."""
+    from roialign.kernels.cpu import prroi_pool as cpu_prroi
+
+    monkeypatch.setattr(cpu_prroi, "_DIRECT_TAPS", taps)
+    monkeypatch.setattr(cpu_prroi, "_DIRECT_TAPS_BACKWARD", taps)
+    x, rois = problem(3, k=200)
+    x = x.double()
+    rois = rois.double()
+    results = []
+    for backend in ("numba", "reference"):
+        leaf, boxes = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        with roialign.use_backend(backend):
+            out = roialign.prroi_pool(leaf, boxes, 7, 1.0)
+        out.backward(torch.cos(out.detach()))
+        results.append((out.detach(), leaf.grad, boxes.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    if taps:
+        direct = cpu_prroi._Geometry(rois, 1.0, 7, 7, 30, 40, taps).direct
+        assert direct.any() and not direct.all()

@@ -89,7 +89,26 @@ def _axis(start, end, size, k, p, index, value, d_start, d_end):
 
 
 @numba.njit(**JIT)
-def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, finite, batch, xi, xv, xds, xde, yi, yv, yds, yde):
+def _axis_taps(start, end, size, k, p, index, value, d_start, d_end):
+    """Row ``[k, p]`` of the direct tables: the bin's pixels themselves (index, weight and its
+    derivatives), when there are at most ``index.shape[2]`` of them; returns whether there are."""
+    first = min(max(np.floor(min(max(start, -1.0), size)), 0.0), size - 1.0)
+    last = min(max(np.ceil(min(max(end, -1.0), size)), 0.0), size - 1.0)
+    taps = max(int(last - first) + 1, 1)
+    f = int(first)
+    fits = taps <= index.shape[2]
+    for e in range(index.shape[2]):
+        index[k, p, e] = min(f + e, size - 1)
+        if fits and e < taps:
+            value[k, p, e], d_start[k, p, e], d_end[k, p, e] = _tap(start, end, f + e)
+        else:
+            value[k, p, e], d_start[k, p, e], d_end[k, p, e] = 0.0, 0.0, 0.0
+    return fits
+
+
+@numba.njit(**JIT)
+def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, finite, batch, direct, xi, xv, xds, xde, yi, yv, yds,
+                     yde, txi, txv, txds, txde, tyi, tyv, tyds, tyde):
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
     for k in range(lo, hi):
         x1, y1 = rois[k, 1] * spatial_scale, rois[k, 2] * spatial_scale
@@ -99,10 +118,14 @@ def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, finite, batch, 
         if not finite[k]:
             x1, y1, x2, y2 = 0.0, 0.0, 0.0, 0.0
         bw, bh = max(x2 - x1, 0.0) / pooled_w, max(y2 - y1, 0.0) / pooled_h
+        fits = True
         for p in range(pooled_w):
             _axis(x1 + bw * p, x1 + bw * (p + 1), width, k, p, xi, xv, xds, xde)
+            fits &= _axis_taps(x1 + bw * p, x1 + bw * (p + 1), width, k, p, txi, txv, txds, txde)
         for q in range(pooled_h):
             _axis(y1 + bh * q, y1 + bh * (q + 1), height, k, q, yi, yv, yds, yde)
+            fits &= _axis_taps(y1 + bh * q, y1 + bh * (q + 1), height, k, q, tyi, tyv, tyds, tyde)
+        direct[k] = fits
 
 
 @numba.njit(**JIT)
@@ -123,7 +146,7 @@ def _integral(feat, b, c0, c1, s):
 
 
 @numba.njit(**JIT)
-def _suffix(grad_s, b, c0, c1, grad_feat):
+def _suffix(grad_s, b, c0, c1, grad_feat, accumulate):
     """The adjoint of ``_integral`` for channels ``[c0, c1)``, in one pass from the bottom right:
     ``grad_feat[b, j, i, c] = grad_s[b, j + 1:, i + 1:, c].sum()``. ``grad_s`` is overwritten
     with its suffix sums."""
@@ -136,7 +159,10 @@ def _suffix(grad_s, b, c0, c1, grad_feat):
                 acc[c - c0] += grad_s[b, r, k, c]
                 total = acc[c - c0] + (grad_s[b, r + 1, k, c] if r < height else 0.0)
                 grad_s[b, r, k, c] = total
-                grad_feat[b, r - 1, k - 1, c] = total
+                if accumulate:
+                    grad_feat[b, r - 1, k - 1, c] += total
+                else:
+                    grad_feat[b, r - 1, k - 1, c] = total
 
 
 @numba.njit(**JIT)
@@ -243,8 +269,8 @@ def _backward_input(grad, boxes, finite, xi, xv, yi, yv, b, c0, c1, grad_s):
 
 
 @numba.njit(**JIT)
-def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, lo, hi, gxs, gxe, gys, gye):
-    """Boxes ``[lo, hi)``: derivatives of ``sum(grad * out)`` by every bin's four edges.
+def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, boxes, gxs, gxe, gys, gye):
+    """Boxes ``boxes``: derivatives of ``sum(grad * out)`` by every bin's four edges.
 
     By x edges: the output gradient spread onto the rows (as for the input gradient), dotted
     with the entries' columns. By y edges: the rows summed along x (as in the forward), dotted
@@ -254,7 +280,7 @@ def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, l
     rows = np.empty((s.shape[1], pooled_w, channels), np.float64)
     spread = np.empty((s.shape[1], pooled_w, channels), np.float64)
     used = np.zeros(s.shape[1], np.bool_)
-    for k in range(lo, hi):
+    for k in boxes:
         if not finite[k]:
             continue
         b = batch[k]
@@ -292,44 +318,70 @@ def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, l
 # Launchers: torch tensors in, torch tensors out.
 
 
-def _integral_image(input: Tensor) -> np.ndarray:
-    n, c, h, w = input.shape
-    x = input.detach().to(compute_dtype(input.dtype))
+# A box whose bins touch at most this many pixels along each axis reads the map itself (its
+# pixels' weights, a few per bin); wider ones read the integral image (6 x 6 entries per bin),
+# which is built only when some box needs it: with few boxes its construction costs more than
+# it saves (mask-14: about 30 ms for 100 boxes). The backward's scatter of a wide bin onto its
+# pixels costs more than onto 6 x 6 entries (boxhead-P2's input gradient: 789 ms at 12, 474 ms
+# through the integral image alone), so it reads the map only where a bin has no more pixels
+# than entries. Tests set both to 0 to send every box through the integral image.
+_DIRECT_TAPS = 12
+_DIRECT_TAPS_BACKWARD = 5
+
+
+def _integral_image(feat: np.ndarray) -> np.ndarray:
+    n, h, w, c = feat.shape
     s = empty((n, h + 1, w + 1, c), torch.float64).numpy()
     block = max(8, -(-c // max(1, workers.size() // n)))
-    feat = channels_last_view(x)  # reading NCHW in place was slower than transposing first (mask-14: 56 vs 37 ms)
     workers.run(_integral, [(feat, b, c0, min(c, c0 + block), s) for b in range(n) for c0 in range(0, c, block)])
     return s
 
 
 def _row_order(batch: np.ndarray, yi: np.ndarray) -> np.ndarray:
     """Boxes by image, then by the first row they read: consecutive boxes of a thread read
-    nearby rows of the integral image, which are then still in cache."""
+    nearby rows, which are then still in cache."""
     return np.lexsort((yi[:, 0, 0], batch))
 
 
-def _geometry(rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int, height: int, width: int):
-    """(finite as a tensor, finite, batch index, [xi, xv, xds, xde, yi, yv, yds, yde]) as numpy arrays."""
-    k, entries = rois.shape[0], shared.ENTRIES
-    r = rois.detach().double().contiguous().numpy()
-    finite, batch = np.empty(k, np.bool_), np.empty(k, np.int64)
-    x = [np.empty((k, pooled_width, entries), np.int64)] + [np.empty((k, pooled_width, entries)) for _ in range(3)]
-    y = [np.empty((k, pooled_height, entries), np.int64)] + [np.empty((k, pooled_height, entries)) for _ in range(3)]
-    workers.run(_geometry_kernel, [(r, spatial_scale, height, width, lo, hi, finite, batch, *x, *y)
-                                   for lo, hi in ranges(k, 2 * workers.size())])
-    return torch.from_numpy(finite), finite, batch, x + y
+class _Geometry:
+    """Both tables of every box (integral-image entries, and the direct pixel taps) and which
+    boxes use which; ``paths()`` yields (source name, boxes in row order, tables)."""
+
+    def __init__(self, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int, height: int,
+                 width: int, taps: int) -> None:
+        k, entries = rois.shape[0], shared.ENTRIES
+        r = rois.detach().double().contiguous().numpy()
+        self.finite, self.batch, self.direct = np.empty(k, np.bool_), np.empty(k, np.int64), np.empty(k, np.bool_)
+
+        def tables(pooled: int, width_: int) -> list[np.ndarray]:
+            return [np.empty((k, pooled, width_), np.int64)] + [np.empty((k, pooled, width_)) for _ in range(3)]
+
+        self.integral = tables(pooled_width, entries) + tables(pooled_height, entries)
+        self.taps = tables(pooled_width, taps) + tables(pooled_height, taps)
+        workers.run(_geometry_kernel, [(r, spatial_scale, height, width, lo, hi, self.finite, self.batch, self.direct,
+                                        *self.integral, *self.taps) for lo, hi in ranges(k, 2 * workers.size())])
+        self.finite_t = torch.from_numpy(self.finite)
+        self.order = _row_order(self.batch, self.integral[4])
+
+    def paths(self, boxes: np.ndarray | None = None):
+        boxes = self.order if boxes is None else boxes
+        direct = self.direct[boxes]
+        for name, chosen, tables in (("map", boxes[direct], self.taps), ("integral", boxes[~direct], self.integral)):
+            if chosen.size:
+                yield name, chosen, tables
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
     n, c, h, w = input.shape
     k = rois.shape[0]
-    _, finite, batch, (xi, xv, _, _, yi, yv, _, _) = _geometry(rois, spatial_scale, pooled_height, pooled_width, h, w)
-    s = _integral_image(input)
+    geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS)
+    feat = channels_last_view(input.detach().to(compute_dtype(input.dtype)))
     out = empty((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
-    order = _row_order(batch, yi)
-    workers.run(_forward, [(s, batch, finite, xi, xv, yi, yv, order[lo:hi], out_np)
-                           for lo, hi in ranges(k, 4 * workers.size())])
+    for name, boxes, (xi, xv, _, _, yi, yv, _, _) in geo.paths():
+        source = feat if name == "map" else _integral_image(feat)
+        workers.run(_forward, [(source, geo.batch, geo.finite, xi, xv, yi, yv, boxes[lo:hi], out_np)
+                               for lo, hi in ranges(boxes.size, 4 * workers.size())])
     return out.to(input.dtype)
 
 
@@ -338,26 +390,37 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
     n, c, h, w = input.shape
     k = rois.shape[0]
-    finite_t, finite, batch, (xi, xv, xds, xde, yi, yv, yds, yde) = _geometry(
-        rois, spatial_scale, pooled_height, pooled_width, h, w)
+    geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS_BACKWARD)
     bins = pooled_height * pooled_width
     grad_np = grad.detach().double().contiguous().view(k, c, bins).numpy()
     grad_t = empty((k, bins, c), torch.float64).numpy()  # [K, bins, C]: channel runs
     workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    feat = channels_last_view(input.detach().to(compute_dtype(input.dtype)))
+    s = _integral_image(feat) if want_rois and not geo.direct.all() else None
     if want_input:
-        grad_s = empty((n, h + 1, w + 1, c), torch.float64).zero_()
-        gs = grad_s.numpy()
-        order = np.argsort(batch, kind="stable")
-        starts = np.searchsorted(batch[order], np.arange(n + 1))
+        order = np.argsort(geo.batch, kind="stable")
+        starts = np.searchsorted(geo.batch[order], np.arange(n + 1))
         block = max(16, -(-c // max(1, workers.size() // max(1, n))))
-        workers.run(_backward_input, [(grad_t, order[starts[b]:starts[b + 1]], finite, xi, xv, yi, yv, b, c0,
-                                       min(c, c0 + block), gs)
-                                      for b in range(n) if starts[b + 1] > starts[b] for c0 in range(0, c, block)])
-        grad_feat = empty((n, h, w, c), compute_dtype(input.dtype))
-        block = max(8, -(-c // max(1, workers.size() // n)))
-        workers.run(_suffix, [(gs, b, c0, min(c, c0 + block), grad_feat.numpy()) for b in range(n)
-                              for c0 in range(0, c, block)])
+        per_image = [(b, order[starts[b]:starts[b + 1]]) for b in range(n) if starts[b + 1] > starts[b]]
+        paths = {name: (boxes, tables) for name, boxes, tables in geo.paths(order)}
+        mixed = "map" in paths  # the pixels' own accumulation, in float64, comes first
+        grad_feat = empty((n, h, w, c), torch.float64 if mixed else compute_dtype(input.dtype))
+        if "map" in paths:  # the pixels themselves take the gradient
+            grad_feat.zero_()
+            xi, xv, _, _, yi, yv, _, _ = paths["map"][1]
+            workers.run(_backward_input, [(grad_t, mine[geo.direct[mine]], geo.finite, xi, xv, yi, yv, b, c0,
+                                           min(c, c0 + block), grad_feat.numpy())
+                                          for b, mine in per_image for c0 in range(0, c, block)])
+        if "integral" in paths:  # the integral image takes it, then its adjoint spreads it
+            gs = empty((n, h + 1, w + 1, c), torch.float64).zero_().numpy()
+            xi, xv, _, _, yi, yv, _, _ = paths["integral"][1]
+            workers.run(_backward_input, [(grad_t, mine[~geo.direct[mine]], geo.finite, xi, xv, yi, yv, b, c0,
+                                           min(c, c0 + block), gs)
+                                          for b, mine in per_image for c0 in range(0, c, block)])
+            block = max(8, -(-c // max(1, workers.size() // n)))
+            workers.run(_suffix, [(gs, b, c0, min(c, c0 + block), grad_feat.numpy(), mixed) for b in range(n)
+                                  for c0 in range(0, c, block)])
         if channels_last:
             grad_input = grad_feat.permute(0, 3, 1, 2)
         else:
@@ -367,12 +430,14 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
         grad_input = torch.zeros_like(input, memory_format=memory_format)
     if not want_rois:
         return grad_input, rois.new_zeros(rois.shape)
-    s = _integral_image(input)
     gxs, gxe = np.zeros((k, pooled_width)), np.zeros((k, pooled_width))
     gys, gye = np.zeros((k, pooled_height)), np.zeros((k, pooled_height))
-    workers.run(_backward_rois, [(grad_t, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, lo, hi, gxs, gxe,
-                                  gys, gye) for lo, hi in ranges(k, 4 * workers.size())])
-    grad_rois = shared.box_gradient(rois, spatial_scale, finite_t, *(torch.from_numpy(t) for t in (gxs, gxe, gys, gye)))
+    for name, boxes, tables in geo.paths():
+        source = feat if name == "map" else s
+        workers.run(_backward_rois, [(grad_t, source, geo.batch, geo.finite, *tables, boxes[lo:hi], gxs, gxe, gys, gye)
+                                     for lo, hi in ranges(boxes.size, 4 * workers.size())])
+    grad_rois = shared.box_gradient(rois, spatial_scale, geo.finite_t,
+                                    *(torch.from_numpy(t) for t in (gxs, gxe, gys, gye)))
     return grad_input, grad_rois.to(rois.dtype)
 
 
