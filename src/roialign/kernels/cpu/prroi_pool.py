@@ -1,17 +1,19 @@
 """Precise RoI Pooling on the CPU: Numba kernels on our thread pool, bitwise deterministic.
 
-The geometry (which integral-image entries each bin reads, with which coefficients) is
-``kernels/reference/prroi_pool.py``'s, computed once per call on small ``[K, P, 6]`` tensors; the
-kernels here do the reads, which are the cost. The integral image is float64 and channels-last,
-so an entry is one contiguous run of channels, and a bin costs at most 6 x 6 runs whatever its
-area.
+The formulas are ``kernels/reference/prroi_pool.py``'s (see there). Per box, one job computes
+two tables per axis: the bin's entries into the float64, channels-last integral image (at most
+6 per axis), and, when the bin touches few pixels, those pixels' own weights. A box whose bins
+are all narrow reads the map itself; the others read the integral image, which is built only
+when some box needs it. Either way a table entry is one contiguous run of channels.
 
-- integral image: threads take runs of rows (prefix sums along each row), then runs of columns
-  (prefix sums down each column).
-- forward: threads take runs of boxes; a bin accumulates its entries in float64.
-- input gradient: the gradient of the integral image, then suffix sums (the integral image's
-  adjoint). Each thread owns one image and a block of channels and walks that image's boxes in
-  order, so each element has one writer and a fixed order of accumulation.
+- integral image: one pass per (image, block of channels), each row adding its running sum to
+  the row above.
+- forward: threads take runs of boxes (in row order, for cache reuse); per box, each row the
+  bins read is summed along x once for every bin column, then the bins sum their rows.
+- input gradient: the same two steps transposed, into the map's gradient (boxes that read the
+  map) or the integral image's gradient, whose suffix sums (its adjoint) are then added. Each
+  thread owns one image and a block of channels and walks that image's boxes in order, so each
+  element has one writer and a fixed order of accumulation.
 - box gradient: one run of boxes per job; per entry, one dot product over channels with the
   output gradient serves the derivatives by all four edges of the bin.
 """
@@ -58,13 +60,19 @@ def _corner(x, size):
     return int(n), (1 - t) ** 2 / 2, 0.5 + t - t * t, t * t / 2, t - 1, 1 - 2 * t, t
 
 
+@numba.njit(inline="always", **JIT)
+def _pixels(start, end, size):
+    """(first, count) of the map's pixels whose hats reach into the bin ``[start, end]`` (one,
+    of weight 0, for a bin off the map)."""
+    first = min(max(np.floor(min(max(start, -1.0), size)), 0.0), size - 1.0)
+    last = min(max(np.ceil(min(max(end, -1.0), size)), 0.0), size - 1.0)
+    return int(first), max(int(last - first) + 1, 1)
+
+
 @numba.njit(**JIT)
 def _axis(start, end, size, k, p, index, value, d_start, d_end):
     """Row ``[k, p]`` of the four ``Axis`` arrays: the bin ``[start, end]`` along ``size`` pixels."""
-    first = min(max(np.floor(min(max(start, -1.0), size)), 0.0), size - 1.0)
-    last = min(max(np.ceil(min(max(end, -1.0), size)), 0.0), size - 1.0)
-    taps = max(int(last - first) + 1, 1)
-    f = int(first)
+    f, taps = _pixels(start, end, size)
     if taps < 6:
         pw, pds, pde = 0.0, 0.0, 0.0
         for e in range(6):
@@ -92,10 +100,7 @@ def _axis(start, end, size, k, p, index, value, d_start, d_end):
 def _axis_taps(start, end, size, k, p, index, value, d_start, d_end):
     """Row ``[k, p]`` of the direct tables: the bin's pixels themselves (index, weight and its
     derivatives), when there are at most ``index.shape[2]`` of them; returns whether there are."""
-    first = min(max(np.floor(min(max(start, -1.0), size)), 0.0), size - 1.0)
-    last = min(max(np.ceil(min(max(end, -1.0), size)), 0.0), size - 1.0)
-    taps = max(int(last - first) + 1, 1)
-    f = int(first)
+    f, taps = _pixels(start, end, size)
     fits = taps <= index.shape[2]
     for e in range(index.shape[2]):
         index[k, p, e] = min(f + e, size - 1)
@@ -396,31 +401,28 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     grad_t = empty((k, bins, c), torch.float64).numpy()  # [K, bins, C]: channel runs
     workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    feat = channels_last_view(input.detach().to(compute_dtype(input.dtype)))
-    s = _integral_image(feat) if want_rois and not geo.direct.all() else None
+    reads_map, reads_integral = bool(geo.direct.any()), not geo.direct.all()
     if want_input:
         order = np.argsort(geo.batch, kind="stable")
         starts = np.searchsorted(geo.batch[order], np.arange(n + 1))
         block = max(16, -(-c // max(1, workers.size() // max(1, n))))
         per_image = [(b, order[starts[b]:starts[b + 1]]) for b in range(n) if starts[b + 1] > starts[b]]
-        paths = {name: (boxes, tables) for name, boxes, tables in geo.paths(order)}
-        mixed = "map" in paths  # the pixels' own accumulation, in float64, comes first
-        grad_feat = empty((n, h, w, c), torch.float64 if mixed else compute_dtype(input.dtype))
-        if "map" in paths:  # the pixels themselves take the gradient
-            grad_feat.zero_()
-            xi, xv, _, _, yi, yv, _, _ = paths["map"][1]
-            workers.run(_backward_input, [(grad_t, mine[geo.direct[mine]], geo.finite, xi, xv, yi, yv, b, c0,
-                                           min(c, c0 + block), grad_feat.numpy())
+        # The pixels' own accumulation comes first, in float64; the integral image's is added to it.
+        grad_feat = empty((n, h, w, c), torch.float64 if reads_map else compute_dtype(input.dtype))
+        grad_s = empty((n, h + 1, w + 1, c), torch.float64).zero_().numpy() if reads_integral else None
+        targets = []
+        if reads_map:
+            targets.append((geo.direct, geo.taps, grad_feat.zero_().numpy()))
+        if reads_integral:
+            targets.append((~geo.direct, geo.integral, grad_s))
+        for chosen, (xi, xv, _, _, yi, yv, _, _), target in targets:
+            workers.run(_backward_input, [(grad_t, mine[chosen[mine]], geo.finite, xi, xv, yi, yv, b, c0,
+                                           min(c, c0 + block), target)
                                           for b, mine in per_image for c0 in range(0, c, block)])
-        if "integral" in paths:  # the integral image takes it, then its adjoint spreads it
-            gs = empty((n, h + 1, w + 1, c), torch.float64).zero_().numpy()
-            xi, xv, _, _, yi, yv, _, _ = paths["integral"][1]
-            workers.run(_backward_input, [(grad_t, mine[~geo.direct[mine]], geo.finite, xi, xv, yi, yv, b, c0,
-                                           min(c, c0 + block), gs)
-                                          for b, mine in per_image for c0 in range(0, c, block)])
+        if reads_integral:
             block = max(8, -(-c // max(1, workers.size() // n)))
-            workers.run(_suffix, [(gs, b, c0, min(c, c0 + block), grad_feat.numpy(), mixed) for b in range(n)
-                                  for c0 in range(0, c, block)])
+            workers.run(_suffix, [(grad_s, b, c0, min(c, c0 + block), grad_feat.numpy(), reads_map)
+                                  for b in range(n) for c0 in range(0, c, block)])
         if channels_last:
             grad_input = grad_feat.permute(0, 3, 1, 2)
         else:
@@ -430,6 +432,8 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
         grad_input = torch.zeros_like(input, memory_format=memory_format)
     if not want_rois:
         return grad_input, rois.new_zeros(rois.shape)
+    feat = channels_last_view(input.detach().to(compute_dtype(input.dtype)))  # only the box gradient reads the map
+    s = _integral_image(feat) if reads_integral else None
     gxs, gxe = np.zeros((k, pooled_width)), np.zeros((k, pooled_width))
     gys, gye = np.zeros((k, pooled_height)), np.zeros((k, pooled_height))
     for name, boxes, tables in geo.paths():

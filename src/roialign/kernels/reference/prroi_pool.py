@@ -24,8 +24,9 @@ the value's and its derivatives with respect to the bin's two edges. Two ways to
 
 A bin's value is ``sum_ey sum_ex Ay[ey] Ax[ex] S[ky[ey], kx[ex]]``; its derivative with respect
 to an edge swaps in that edge's row (``DA`` for the start, ``DB`` for the end); the input's
-gradient scatters ``grad * Ay * Ax`` into S's shape and takes suffix sums. These helpers are
-used by the Numba and Triton kernels too.
+gradient scatters ``grad * Ay * Ax`` into S's shape and takes suffix sums. The Triton kernels
+use these helpers as they are; the Numba kernels compute the same tables per box in their own
+module and share ``box_gradient``.
 """
 
 from __future__ import annotations

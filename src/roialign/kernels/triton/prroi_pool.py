@@ -107,7 +107,7 @@ def _backward_rois_kernel(s_ptr, grad_ptr, batch_ptr, xi_ptr, xv_ptr, xds_ptr, x
 def _prepare(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int):
     n, c, h, w = input.shape
     finite, x, y = shared.geometry(rois, spatial_scale, pooled_height, pooled_width, h, w)
-    batch = torch.where(finite, rois[:, 0].detach(), torch.zeros_like(rois[:, 0])).long()
+    batch = rois[:, 0].detach().long()  # checked by the op: integers in [0, N), even for non-finite boxes
     return finite, batch, [t.contiguous() for t in x], [t.contiguous() for t in y]
 
 
