@@ -88,7 +88,16 @@ def _providers(workload: Workload, aligned: bool, threads: int, quick: bool, dty
         providers["torchvision"] = (tv, True)
     except Exception:  # not installed, or not importable beside this torch
         pass
+    ipex = _ipex_roi_align()
+    if ipex is not None:
+        # Importing IPEX replaces torchvision's CPU roi_align with its own: no torchvision row here.
+        providers.pop("torchvision", None)
+        for name in ("ipex", "ipex channels_last"):
+            providers[name] = (lambda x, rois, f=ipex: f(x, rois, workload.out, workload.scale,
+                                                         workload.sampling_ratio, aligned), True)
     try:
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError("onnxruntime's CPU RoiAlign takes float32 and float64 only")
         from ._peers import OnnxRoiAlign
         peer = OnnxRoiAlign((workload.out, workload.out), workload.scale, workload.sampling_ratio, aligned,
                             dtype=np.float64 if dtype == torch.float64 else np.float32, threads=threads)
@@ -100,6 +109,15 @@ def _providers(workload: Workload, aligned: bool, threads: int, quick: bool, dty
     providers["ours-numba"] = (_ours("numba", workload, aligned), True)
     providers["ours-numba channels_last"] = (_ours("numba", workload, aligned), True)
     return {k: v for k, v in providers.items() if only is None or k in only}
+
+
+def _ipex_roi_align() -> Callable | None:
+    """Intel Extension for PyTorch's roi_align, when it imports (its own venv: see README)."""
+    try:
+        import intel_extension_for_pytorch as ipex
+        return ipex.nn.functional._roi_align_helper.roi_align
+    except Exception:  # not installed, or not built for this torch
+        return None
 
 
 def _time_once(fn: Fn, x: torch.Tensor, rois: torch.Tensor, backward: bool) -> float:
@@ -171,8 +189,15 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
     # Correctness in the same run: every provider's forward against ours, ours against the reference.
     with roialign.use_backend("numba"):
         ours = roialign.roi_align(x, rois, workload.out, workload.scale, workload.sampling_ratio, aligned)
-    check = {name: float((fn(inputs[name], rois).double() - ours.double()).abs().max())
-             for name, (fn, _) in providers.items()}
+    check = {}
+    for name, (fn, _) in list(providers.items()):
+        try:
+            check[name] = float((fn(inputs[name], rois).double() - ours.double()).abs().max())
+        except Exception as error:  # e.g. torchvision's CPU kernel has no bfloat16
+            print(f"{workload.name} {str(dtype).replace('torch.', '')}: {name} left out: "
+                  f"{str(error).strip().splitlines()[-1][:120]}")
+            del providers[name]
+    inputs = {name: inputs[name] for name in providers}
     if quick:
         reference = _ours("reference", workload, aligned)(x[:, :8].contiguous(), rois)
         check["ours-reference"] = float((reference.double() - ours[:, :8].double()).abs().max())
@@ -200,21 +225,30 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
 
 
 def _print_table(rows: list[dict]) -> None:
-    base: dict[tuple, dict] = {(r["workload"], r["dtype"], r["threads"]): r for r in rows
-                               if r["provider"] == "torchvision"}
-    header = f"{'workload':<14} {'dtype':<8} {'thr':>3} {'provider':<26} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x tv fwd':>8} {'x tv f+b':>8} {'max diff':>9}"
+    at = lambda r, provider: (r["workload"], r["dtype"], r["threads"], provider)  # noqa: E731
+    found: dict[tuple, dict] = {at(r, r["provider"]): r for r in rows}
+    with_ipex = any(r["provider"].startswith("ipex") for r in rows)
+    peer = "ipex" if with_ipex else "tv"
+    header = (f"{'workload':<14} {'dtype':<8} {'thr':>3} {'provider':<26} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+              f"{'x ' + peer + ' fwd':>10} {'x ' + peer + ' f+b':>10} {'max diff':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        tv = base.get((r["workload"], r["dtype"], r["threads"]))
+        if with_ipex:  # IPEX on the same layout
+            tv = found.get(at(r, "ipex channels_last" if "channels_last" in r["provider"] else "ipex"))
+        else:
+            tv = found.get(at(r, "torchvision"))
 
         def ratio(key):
             if tv is None or r[key] is None or tv[key] is None:
                 return "-"
-            return f"{tv[key] / r[key]:.1f}"
+            return f"{tv[key] / r[key]:.2f}"
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         print(f"{r['workload']:<14} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<26} {fmt(r['fwd_ms']):>9} "
-              f"{fmt(r['fwd_bwd_ms']):>11} {ratio('fwd_ms'):>8} {ratio('fwd_bwd_ms'):>8} {r['max_abs_diff_vs_numba']:>9.1e}")
+              f"{fmt(r['fwd_bwd_ms']):>11} {ratio('fwd_ms'):>10} {ratio('fwd_bwd_ms'):>10} {r['max_abs_diff_vs_numba']:>9.1e}")
+    if with_ipex:
+        print("\n'x ipex' = IPEX's time on the same layout / this time (IPEX replaces torchvision's roi_align "
+              "once imported, so this run has no torchvision row)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,13 +261,15 @@ def main(argv: list[str] | None = None) -> None:
                              "prroi_pool against torchvision's and our roi_align with sampling_ratio=2")
     parser.add_argument("--workloads", default=None, help=f"comma-separated, from {', '.join(WORKLOADS)}, sweep")
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: all cores)")
-    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32, float64")
+    parser.add_argument("--dtypes", default="float32",
+                        help="comma-separated: float32, float64, bfloat16, float16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--aligned", choices=("true", "false"), default="true")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of: torchvision, onnxruntime, ours-reference, ours-numba, "
-                             "'ours-numba channels_last'")
+                             "'ours-numba channels_last', and ipex, 'ipex channels_last' where Intel Extension for "
+                             "PyTorch imports")
     args = parser.parse_args(argv)
 
     if args.quick:
