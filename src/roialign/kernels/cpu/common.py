@@ -17,7 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import overload
 from torch import Tensor
+
+from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 JIT = dict(nogil=True, cache=True)
 
@@ -27,27 +31,28 @@ _TILE = 32  # side of the square blocks that nchw_to_nhwc turns around
 
 @numba.njit(**JIT)
 def nchw_to_nhwc(x, b, r0, r1, out):
-    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]``, in 32 x 32 blocks
-    of (channels, columns) read into a small buffer by source rows and written out by
-    destination rows, so both sides are contiguous runs the compiler vectorises; partial
-    blocks at the edges go element by element. 3-4x faster than 16-column tiles written
-    element by element for a 4 MB map (1 x 64 x 128 x 128), the same for 55 MB ones."""
+    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]`` (half bit patterns
+    widened to float32 on the way), in 32 x 32 blocks of (channels, columns) read into a small
+    buffer by source rows and written out by destination rows, so both sides are contiguous runs
+    the compiler vectorises; partial blocks at the edges go element by element. 3-4x faster than
+    16-column tiles written element by element for a 4 MB map (1 x 64 x 128 x 128), the same
+    for 55 MB ones."""
     channels, width = x.shape[1], x.shape[3]
-    tile = np.empty((_TILE, _TILE), x.dtype)
+    tile = np.empty((_TILE, _TILE), out.dtype)
     for r in range(r0, r1):
         for q0 in range(0, width, _TILE):
             for c0 in range(0, channels, _TILE):
                 if q0 + _TILE <= width and c0 + _TILE <= channels:
                     for c in range(_TILE):
                         for q in range(_TILE):
-                            tile[q, c] = x[b, c0 + c, r, q0 + q]
+                            tile[q, c] = widen(x[b, c0 + c, r, q0 + q])
                     for q in range(_TILE):
                         for c in range(_TILE):
                             out[b, r, q0 + q, c0 + c] = tile[q, c]
                 else:
                     for c in range(c0, min(channels, c0 + _TILE)):
                         for q in range(q0, min(width, q0 + _TILE)):
-                            out[b, r, q, c] = x[b, c, r, q]
+                            out[b, r, q, c] = widen(x[b, c, r, q])
 
 
 @numba.njit(**JIT)
@@ -151,31 +156,68 @@ def transpose_boxes(grad, lo, hi, grad_t):
                 grad_t[k, i, c] = grad[k, c, i]
 
 
-@numba.njit(**JIT)
 def band_of(grad_feat, b, r0, r1, planar):
     """The zeroed ``[rows, W, C]`` band in which rows ``[r0, r1)`` of image ``b`` of an input
-    gradient are accumulated: ``grad_feat`` itself when it is channels-last ([N, H, W, C]),
-    else a scratch buffer that :func:`store_band` transposes into the planar ([N, C, H, W]) one."""
-    if planar:
-        band = np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1]), dtype=grad_feat.dtype)
-    else:
-        band = grad_feat[b, r0:r1]
-        band[:] = 0
-    return band
+    gradient are accumulated: ``grad_feat`` itself when it is channels-last ([N, H, W, C]) and
+    float, else a float32 or float64 scratch buffer that :func:`store_band` writes into the planar
+    ([N, C, H, W]) or half one (Numba only)."""
+    raise NotImplementedError("band_of is compiled into Numba kernels only")
 
 
-@numba.njit(**JIT)
+@overload(band_of)
+def _band_of(grad_feat, b, r0, r1, planar):
+    if grad_feat.dtype in (types.uint16, types.int16):  # half bit patterns: accumulate in float32
+        def half_band(grad_feat, b, r0, r1, planar):
+            if planar:
+                return np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1]), dtype=np.float32)
+            return np.zeros((r1 - r0, grad_feat.shape[2], grad_feat.shape[3]), dtype=np.float32)
+        return half_band
+
+    def float_band(grad_feat, b, r0, r1, planar):
+        if planar:
+            band = np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1]), dtype=grad_feat.dtype)
+        else:
+            band = grad_feat[b, r0:r1]
+            band[:] = 0
+        return band
+    return float_band
+
+
 def store_band(grad_feat, band, b, r0, planar):
-    """Write a band from :func:`band_of` into a planar gradient (nothing to do for channels-last)."""
-    if not planar:
-        return
+    """Write a band from :func:`band_of` into the gradient: transposed into a planar one, rounded
+    into a half one; nothing to do for a float channels-last one, which is the band (Numba only)."""
+    raise NotImplementedError("store_band is compiled into Numba kernels only")
+
+
+@numba.njit(inline="always", **JIT)
+def _store_planar(grad_feat, band, b, r0):
     channels, width = grad_feat.shape[1], grad_feat.shape[3]
     for c0 in range(0, channels, 16):
         c1 = min(c0 + 16, channels)
         for rr in range(band.shape[0]):
             for q in range(width):
                 for c in range(c0, c1):
-                    grad_feat[b, c, r0 + rr, q] = band[rr, q, c]
+                    grad_feat[b, c, r0 + rr, q] = narrow(band[rr, q, c], grad_feat)
+
+
+@overload(store_band)
+def _store_band(grad_feat, band, b, r0, planar):
+    if grad_feat.dtype in (types.uint16, types.int16):
+        def store_half(grad_feat, band, b, r0, planar):
+            if planar:
+                _store_planar(grad_feat, band, b, r0)
+                return
+            for rr in range(band.shape[0]):
+                row = grad_feat[b, r0 + rr]
+                for q in range(band.shape[1]):
+                    for c in range(band.shape[2]):
+                        row[q, c] = narrow(band[rr, q, c], grad_feat)
+        return store_half
+
+    def store_float(grad_feat, band, b, r0, planar):
+        if planar:
+            _store_planar(grad_feat, band, b, r0)
+    return store_float
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,15 +330,18 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 def channels_last_view(t: Tensor) -> np.ndarray:
     """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
 
+A channels-last half tensor is viewed as its bit patterns (see ``half_types``); an NCHW one is
+widened to float32 by the same copy that transposes it.
+
     Our pool, not PyTorch's OpenMP threads, does the copy: it is faster here, and it is safe in a
     child forked after the parent used the kernels (GNU OpenMP is not).
     """
     t = t.detach()
     if t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).numpy()
-    x = t.contiguous().numpy()
+        return kernel_array(t.permute(0, 2, 3, 1))
+    x = kernel_array(t.contiguous())
     n, c, h, w = t.shape
-    out = empty((n, h, w, c), t.dtype).numpy()
+    out = empty((n, h, w, c), torch.float32 if t.dtype in HALF_TYPES else t.dtype).numpy()
     rows = max(1, (1 << 16) // max(1, w * c))
     workers.run(nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), out) for b in range(n) for r0 in range(0, h, rows)])
     return out

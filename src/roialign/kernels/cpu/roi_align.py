@@ -13,7 +13,9 @@ bitwise identical from run to run and for any number of threads, without atomics
 
 Nothing is compiled at import; ``cache=True`` keeps the machine code on disk for the next
 process. Geometry is computed in the rois' dtype (float32, or float64 for float64 inputs), in
-the order of operations of the published kernels; accumulation is in the features' dtype.
+the order of operations of the published kernels; accumulation is in float64 for float64
+features and float32 for the others. float16 and bfloat16 maps are read and written in place
+as bit patterns (``half_types``): no float32 copy of the map is made for them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
 from .common import (JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_view, empty, store_band,
                      transpose_boxes, visible_samples, workers)
+from .half_types import HALF_TYPES, kernel_array, widen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
     bins = pooled_h * pooled_w
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
-    acc = np.empty((bins, channels), dtype=feat.dtype)
+    acc = np.empty((bins, channels), dtype=T)
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
@@ -177,7 +180,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                             continue
                         pixel = feat[b, r, xi[pw, tx]]
                         for c in range(channels):
-                            a[c] += w * pixel[c]
+                            a[c] += w * widen(pixel[c])
         for c in range(channels):
             for i in range(bins):
                 out[k, c, i] = acc[i, c] / count
@@ -206,11 +209,11 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                         wy = yw[ph, ty]
                         if wy == 0:
                             continue
-                        r = yi[ph, ty]
+                        row = plane[yi[ph, ty]]
                         for tx in range(xn[pw]):
                             w = wy * xw[pw, tx]
                             if w != 0:
-                                s += w * plane[r, xi[pw, tx]]
+                                s += w * widen(row[xi[pw, tx]])
                     out[k, c, ph * pooled_w + pw] = s / count
 
 
@@ -266,7 +269,7 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
     n_img, height, width, channels = feat.shape
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
-    g = np.empty(channels, dtype=feat.dtype)
+    g = np.empty(channels, dtype=T)
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
@@ -291,7 +294,7 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
                         pixel = feat[b, r, xi[pw, tx]]
                         s = T(0.0)
                         for c in range(channels):
-                            s += g[c] * pixel[c]
+                            s += g[c] * widen(pixel[c])
                         s64 = np.float64(s)
                         wy = np.float64(yw[ph, ty])
                         wx = np.float64(xw[pw, tx])
@@ -326,10 +329,10 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     geometry, T = box_geometry(rois, dtype)
     out = empty((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
-    x = input.detach().to(dtype)
+    x = input.detach()
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
-        feat, kernel = x.contiguous().numpy(), _forward_nchw
+        feat, kernel = kernel_array(x.contiguous()), _forward_nchw
     else:
         feat, kernel = channels_last_view(x), _forward_nhwc
     order, parts = box_jobs(k)
@@ -352,19 +355,20 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     order = torch.argsort(batch, stable=True).numpy()
     bounds = torch.searchsorted(batch[order].contiguous(), torch.arange(batch_size + 1)).numpy()
     rows = row_span(rois, spatial_scale, aligned, height).numpy()
+    # A half gradient is accumulated in float32 bands and rounded as each band is stored.
     if channels_last:
-        grad_input = empty((batch_size, height, width, channels), dtype)
-        target = grad_input.numpy()
+        grad_input = empty((batch_size, height, width, channels), grad.dtype)
+        target = kernel_array(grad_input)
         result = grad_input.permute(0, 3, 1, 2)
     else:
-        grad_input = empty((batch_size, channels, height, width), dtype)
-        target, result = grad_input.numpy(), grad_input
-    band = max(1, _BAND_BYTES // max(1, width * channels * grad_input.element_size()))
+        grad_input = empty((batch_size, channels, height, width), grad.dtype)
+        target, result = kernel_array(grad_input), grad_input
+    band = max(1, _BAND_BYTES // max(1, width * channels * torch.finfo(dtype).bits // 8))
     jobs = [(grad_t, geometry, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0, min(height, r0 + band),
              spatial_scale, aligned, sampling_ratio, pooled_height, pooled_width, T, target, not channels_last)
             for b in range(batch_size) for r0 in range(0, height, band)]
     workers.run(_backward_input_rows, jobs)
-    return result if dtype == grad.dtype else result.to(grad.dtype)
+    return result
 
 
 def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
@@ -373,7 +377,7 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     geometry, T = box_geometry(rois, dtype)
     k, c = rois.shape[0], input.shape[1]
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, -1).numpy()
-    feat = channels_last_view(input.detach().to(dtype))
+    feat = channels_last_view(input.detach())
     grad_rois = np.zeros((k, 5), dtype=np.float64)
     order, parts = box_jobs(k)
     workers.run(_backward_rois_nhwc, [(grad_np, feat, geometry, order, lo, hi, spatial_scale, aligned,
@@ -383,8 +387,8 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
 
 
 def warmup() -> None:
-    """Compile (or load from the on-disk cache) every kernel for float32 and float64."""
-    for dtype in (torch.float32, torch.float64):
+    """Compile (or load from the on-disk cache) every kernel for every floating dtype."""
+    for dtype in (torch.float32, torch.float64) + HALF_TYPES:
         x = torch.zeros(1, 2, 3, 3, dtype=dtype)
         rois = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]] * 40, dtype=dtype)
         g = torch.zeros(40, 2, 1, 1, dtype=dtype)

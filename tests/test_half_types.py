@@ -1,0 +1,165 @@
+"""float16 and bfloat16 in the Numba kernels: the bit-pattern conversions against torch's, and
+half maps read and written in place give exactly what converting to float32 first gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+import numba  # noqa: E402
+
+import roialign  # noqa: E402
+from roialign.kernels.cpu import roi_align as cpu_roi_align  # noqa: E402
+from roialign.kernels.cpu.half_types import kernel_array, narrow, narrow_float16_bits, widen, widen_float16_bits  # noqa: E402,E501
+
+HALVES = [torch.float16, torch.bfloat16]
+
+
+@numba.njit
+def _widen_all(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = widen(bits[i])
+
+
+@numba.njit
+def _widen_float16_integer(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = widen_float16_bits(bits[i])
+
+
+@numba.njit
+def _narrow_all(values, out):
+    for i in range(values.shape[0]):
+        out[i] = narrow(values[i], out)
+
+
+@numba.njit
+def _narrow_float16_integer(values, out):
+    for i in range(values.shape[0]):
+        out[i] = narrow_float16_bits(values[i])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise: the same bits, or both NaN (NaN payloads differ between torch's own paths)."""
+    return (a.view(torch.int16 if a.element_size() == 2 else torch.int32)
+            == b.view(torch.int16 if b.element_size() == 2 else torch.int32)) | (a.float().isnan() & b.float().isnan())
+
+
+def _every_half(dtype):
+    return torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _hard_floats(dtype):
+    """Random float32 bit patterns, every half value, the midpoints between neighbours (ties) and
+    the floats just either side of each midpoint."""
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randint(-2**31, 2**31, (1_000_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    halves = _every_half(dtype).float()
+    finite = halves[halves.isfinite()].unique()
+    mids = ((finite[:-1].double() + finite[1:].double()) / 2).float()
+    return torch.cat([noise.view(torch.float32), halves, mids, torch.nextafter(mids, torch.tensor(np.inf)),
+                      torch.nextafter(mids, torch.tensor(-np.inf)),
+                      torch.tensor([65519.0, 65520.0, -65520.0, 2.0**-25, -(2.0**-25), 3e-45, 0.0, -0.0])])
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_widen_gives_torchs_float_for_every_bit_pattern(dtype):
+    halves = _every_half(dtype)
+    got = np.empty(halves.numel(), np.float32)
+    _widen_all(kernel_array(halves), got)
+    assert bool(_same(torch.from_numpy(got), halves.float()).all())
+
+
+def test_integer_float16_widening_matches_torch_for_every_bit_pattern():
+    """The conversion used where the CPU has no half instructions, tested on every host."""
+    halves = _every_half(torch.float16)
+    got = np.empty(halves.numel(), np.float32)
+    _widen_float16_integer(kernel_array(halves), got)
+    assert bool(_same(torch.from_numpy(got), halves.float()).all())
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_narrow_rounds_like_torch(dtype):
+    values = _hard_floats(dtype)
+    got = torch.empty(values.numel(), dtype=dtype)
+    _narrow_all(values.numpy(), kernel_array(got))
+    assert bool(_same(got, values.to(dtype)).all())
+
+
+def test_integer_float16_narrowing_rounds_like_torch():
+    values = _hard_floats(torch.float16)
+    got = torch.empty(values.numel(), dtype=torch.float16)
+    _narrow_float16_integer(values.numpy(), kernel_array(got))
+    assert bool(_same(got, values.to(torch.float16)).all())
+
+
+def test_kernel_array_views_the_bits_without_copying():
+    x = torch.randn(3, 4).to(torch.bfloat16)
+    assert kernel_array(x).dtype == np.uint16 and kernel_array(x.half()).dtype == np.int16
+    kernel_array(x)[0, 0] = 0x3F80  # the bits of 1.0
+    assert x[0, 0].item() == 1.0
+
+
+def _map(dtype, layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 37, 30, 41, generator=gen) * 3
+    # subnormal, signed zero and infinite values of the half type, read as they are
+    tiny = torch.finfo(dtype).smallest_normal
+    x[0, :4, 0, :6] = torch.tensor([tiny / 4, -tiny / 64, -0.0, float("inf"), 65000.0, -tiny / 2])
+    x = x.to(dtype)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided view":
+        wide = torch.zeros(2, 74, 30, 82, dtype=dtype)
+        view = wide[:, ::2, :, ::2]
+        view.copy_(x)
+        return view
+    return x
+
+
+@pytest.mark.parametrize("planar", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided view"])
+@pytest.mark.parametrize("dtype", HALVES)
+def test_half_maps_give_the_bits_of_a_float32_computation(dtype, layout, planar, monkeypatch):
+    """Reading the half map in place (and rounding the input gradient as it is stored) gives
+    bit for bit the forward, input gradient and box gradient of converting to float32 first."""
+    monkeypatch.setattr(cpu_roi_align, "_planar_is_cheaper", lambda *args: planar)
+    x = _map(dtype, layout, seed=5)
+    before = x.clone()
+    gen = torch.Generator().manual_seed(6)
+    k = 200
+    xy = torch.rand(k, 2, generator=gen) * 70 - 10
+    rois = torch.cat((torch.randint(0, 2, (k, 1), generator=gen).float(), xy,
+                      xy + torch.rand(k, 2, generator=gen) * 40), 1)
+    grad_out = torch.randn(k, 37, 4, 3, generator=gen).to(dtype)
+    results = []
+    for features in (x.float(), x):
+        features = features.detach().requires_grad_()
+        boxes = rois.clone().requires_grad_()
+        with roialign.use_backend("numba"):
+            out = roialign.roi_align(features, boxes, (4, 3), 0.5, 2, True)
+            out.backward(grad_out.to(out.dtype))
+        results.append((out, features.grad, boxes.grad))
+    (out32, grad32, box32), (out16, grad16, box16) = results
+    assert out16.dtype == dtype and grad16.dtype == dtype
+    assert grad16.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert bool(_same(out16, out32.to(dtype)).all())
+    assert bool(_same(grad16, grad32.to(dtype)).all())
+    assert bool(((box16 == box32) | (box16.isnan() & box32.isnan())).all())
+    assert bool(_same(x, before).all())
+
+
+def test_channels_last_view_widens_nchw_halves_and_views_channels_last_ones():
+    from roialign.kernels.cpu.common import channels_last_view
+
+    x = torch.randn(2, 40, 5, 35).to(torch.bfloat16)
+    widened = channels_last_view(x)
+    assert widened.dtype == np.float32
+    assert np.array_equal(widened, x.float().permute(0, 2, 3, 1).numpy())
+    bits = channels_last_view(x.contiguous(memory_format=torch.channels_last))
+    assert bits.dtype == np.uint16
+    assert np.array_equal(bits, kernel_array(x.permute(0, 2, 3, 1)))
+
