@@ -149,11 +149,12 @@ def visible_samples(base, bin_size, grid, lo, hi):
 
 @numba.njit(**JIT)
 def transpose_boxes(grad, lo, hi, grad_t):
-    """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C]."""
+    """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C] (half bit
+    patterns widened to float32)."""
     for k in range(lo, hi):
         for c in range(grad.shape[1]):
             for i in range(grad.shape[2]):
-                grad_t[k, i, c] = grad[k, c, i]
+                grad_t[k, i, c] = widen(grad[k, c, i])
 
 
 def band_of(grad_feat, b, r0, r1, planar):

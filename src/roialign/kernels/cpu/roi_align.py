@@ -29,7 +29,7 @@ from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
 from .common import (JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_view, empty, store_band,
                      transpose_boxes, visible_samples, workers)
-from .half_types import HALF_TYPES, kernel_array, widen
+from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
         finite, count = _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width,
                                   T, yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn)
         if not finite or b < 0 or b >= n_img:
-            out[k, :, :] = np.nan if not finite else 0.0
+            out[k, :, :] = narrow(T(np.nan) if not finite else T(0.0), out)
             continue
         count = T(count)
         acc[:, :] = 0
@@ -183,7 +183,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                             a[c] += w * widen(pixel[c])
         for c in range(channels):
             for i in range(bins):
-                out[k, c, i] = acc[i, c] / count
+                out[k, c, i] = narrow(acc[i, c] / count, out)
 
 
 @numba.njit(**JIT)
@@ -197,7 +197,7 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
         finite, count = _box_taps(rois, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width,
                                   T, yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn)
         if not finite or b < 0 or b >= n_img:
-            out[k, :, :] = np.nan if not finite else 0.0
+            out[k, :, :] = narrow(T(np.nan) if not finite else T(0.0), out)
             continue
         count = T(count)
         for c in range(channels):
@@ -214,7 +214,7 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                             w = wy * xw[pw, tx]
                             if w != 0:
                                 s += w * widen(row[xi[pw, tx]])
-                    out[k, c, ph * pooled_w + pw] = s / count
+                    out[k, c, ph * pooled_w + pw] = narrow(s / count, out)
 
 
 @numba.njit(**JIT)
@@ -287,7 +287,7 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
         for ph in range(pooled_h):
             for pw in range(pooled_w):
                 for c in range(channels):
-                    g[c] = grad[k, c, ph * pooled_w + pw]
+                    g[c] = widen(grad[k, c, ph * pooled_w + pw])
                 for ty in range(yn[ph]):
                     r = yi[ph, ty]
                     for tx in range(xn[pw]):
@@ -327,8 +327,8 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     dtype = compute_dtype(input.dtype)
     k, c = rois.shape[0], input.shape[1]
     geometry, T = box_geometry(rois, dtype)
-    out = empty((k, c, pooled_height, pooled_width), dtype)
-    out_np = out.view(k, c, pooled_height * pooled_width).numpy()
+    out = empty((k, c, pooled_height, pooled_width), input.dtype)
+    out_np = kernel_array(out.view(k, c, pooled_height * pooled_width))
     x = input.detach()
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
@@ -338,7 +338,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     order, parts = box_jobs(k)
     workers.run(kernel, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
                            pooled_width, T, out_np) for lo, hi in parts])
-    return out if dtype == input.dtype else out.to(input.dtype)
+    return out
 
 
 def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -346,7 +346,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
                    channels_last: bool) -> Tensor:
     dtype = compute_dtype(grad.dtype)
     geometry, T = box_geometry(rois, dtype)
-    grad_np = grad.detach().to(dtype).contiguous().view(grad.shape[0], channels, -1).numpy()
+    grad_np = kernel_array(grad.detach().contiguous().view(grad.shape[0], channels, -1))
     grad_t = empty((grad_np.shape[0], grad_np.shape[2], channels), dtype).numpy()
     workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
     # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
@@ -376,7 +376,7 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     dtype = compute_dtype(input.dtype)
     geometry, T = box_geometry(rois, dtype)
     k, c = rois.shape[0], input.shape[1]
-    grad_np = grad.detach().to(dtype).contiguous().view(k, c, -1).numpy()
+    grad_np = kernel_array(grad.detach().contiguous().view(k, c, -1))
     feat = channels_last_view(input.detach())
     grad_rois = np.zeros((k, 5), dtype=np.float64)
     order, parts = box_jobs(k)
