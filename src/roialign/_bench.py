@@ -92,9 +92,10 @@ def _providers(workload: Workload, aligned: bool, threads: int, quick: bool, dty
     if ipex is not None:
         # Importing IPEX replaces torchvision's CPU roi_align with its own: no torchvision row here.
         providers.pop("torchvision", None)
-        for name in ("ipex", "ipex channels_last"):
-            providers[name] = (lambda x, rois, f=ipex: f(x, rois, workload.out, workload.scale,
-                                                         workload.sampling_ratio, aligned), True)
+        for name in ("ipex", "ipex channels_last"):  # IPEX takes half features with float32 boxes only
+            providers[name] = (lambda x, rois, f=ipex: f(x, rois if rois.dtype == torch.float64 else rois.float(),
+                                                         workload.out, workload.scale, workload.sampling_ratio,
+                                                         aligned), True)
     try:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError("onnxruntime's CPU RoiAlign takes float32 and float64 only")
