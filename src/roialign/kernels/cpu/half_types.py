@@ -10,7 +10,8 @@ In a kernel, :func:`widen` turns one element into the float32 it equals (exactly
 :func:`narrow` rounds a float32 to the element type of the array it is stored into (nearest,
 ties to even, as ``Tensor.to`` does). For float32 and float64 arrays both pass values through
 unchanged, so one kernel source serves every dtype and compiles to the same code as before for
-float32 and float64.
+float32 and float64. float16 uses the CPU's conversion instructions where llvmlite reports them
+(x86's F16C), else integer code; both round like torch, the integer code is tested on every host.
 
 Reading halves in place saves the full-map float32 copy that converting first would cost (30-50
 ms for a 28 MB bfloat16 map on 2 cores, more than the forward of a few hundred boxes), and the
