@@ -129,6 +129,26 @@ def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
     torch.testing.assert_close(out.double(), torch.from_numpy(want), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, False), (3, True)])
+def test_every_forward_path_gives_the_same_bits(monkeypatch, dtype, sampling_ratio, aligned):
+    """The planar kernel (NCHW read in place), the transposing one and channels_last input are
+    chosen by problem size, never by a result: their outputs must be bitwise identical."""
+    x, rois = problem(7, k=60)
+    x, rois = x.to(dtype), rois.to(dtype)
+    x[1, 3, 4, 5] = float("inf")
+    outputs = []
+    for planar, layout in ((True, torch.contiguous_format), (False, torch.contiguous_format),
+                           (False, torch.channels_last)):
+        monkeypatch.setattr(cpu_roi_align, "_planar_is_cheaper", lambda *args, planar=planar: planar)
+        with roialign.use_backend("numba"):
+            outputs.append(roialign.roi_align(x.contiguous(memory_format=layout), rois, (5, 4), 0.25,
+                                              sampling_ratio, aligned))
+    for out in outputs[1:]:
+        assert torch.equal(out.isnan(), outputs[0].isnan())
+        assert torch.equal(out.nan_to_num(), outputs[0].nan_to_num())
+
+
 def test_warmup_compiles_everything():
     roialign.warmup()
     from roialign.kernels.cpu import roi_align_max
