@@ -158,12 +158,16 @@ def test_warmup_compiles_everything():
         assert len(kernel.signatures) >= 2, (kernel, kernel.signatures)
 
 
+@pytest.mark.parametrize("tiled", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 64, 128, 128), (2, 33, 31, 65), (1, 3, 5, 7), (3, 32, 1, 32), (1, 1, 1, 1),
                                    (1, 70, 2, 97)])
-def test_nchw_to_nhwc_copy_matches_permute(shape, dtype):
-    """The blocked transpose behind every NCHW input: whole 32 x 32 blocks and partial edges."""
+def test_nchw_to_nhwc_copy_matches_permute(shape, dtype, tiled, monkeypatch):
+    """The transpose behind every NCHW input, in both orders: whole 32 x 32 blocks and partial edges."""
+    from roialign.kernels.cpu import common
     from roialign.kernels.cpu.common import channels_last_view
+
+    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
 
     x = torch.randn(*shape, dtype=dtype)
     before = x.clone()
@@ -175,11 +179,15 @@ def test_nchw_to_nhwc_copy_matches_permute(shape, dtype):
     assert np.array_equal(channels_last_view(view), view.permute(0, 2, 3, 1).numpy())
 
 
+@pytest.mark.parametrize("tiled", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(1, 128, 128, 64), (2, 31, 65, 33), (1, 5, 7, 3), (3, 1, 32, 32), (1, 1, 1, 1)])
-def test_nhwc_to_nchw_copy_matches_permute(shape, dtype):
-    """The blocked transpose back, for input gradients of NCHW inputs."""
+def test_nhwc_to_nchw_copy_matches_permute(shape, dtype, tiled, monkeypatch):
+    """The transpose back, for input gradients of NCHW inputs, in both orders."""
+    from roialign.kernels.cpu import common
     from roialign.kernels.cpu.common import planar_from_channels_last
+
+    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
 
     t = torch.randn(*shape, dtype=dtype)
     before = t.clone()
@@ -187,6 +195,63 @@ def test_nhwc_to_nchw_copy_matches_permute(shape, dtype):
     assert got.is_contiguous() and got.shape == (shape[0], shape[3], shape[1], shape[2])
     assert torch.equal(got, t.permute(0, 3, 1, 2))
     assert torch.equal(t, before)
+
+
+def test_layout_copy_tuning_picks_an_order_and_changes_no_result(monkeypatch):
+    """warmup() times both copy orders and keeps one; every operator gives the same bits either way."""
+    from roialign.kernels.cpu import common
+
+    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", common._LAYOUT_COPY["tiled"])
+    report = common.tune_layout_copies((1, 40, 24, 36), pairs=2)
+    assert report["tiled"] is common._LAYOUT_COPY["tiled"]
+    assert report["tiled"] == (report["tiled_s"] < report["streaming_s"]) and report["streaming_s"] > 0
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 37, 23, 41, generator=gen, dtype=torch.float64, requires_grad=True)
+    boxes = torch.cat([torch.randint(0, 2, (30, 1), generator=gen).double(), torch.rand(30, 2, generator=gen) * 30,
+                       torch.rand(30, 2, generator=gen) * 30 + 5], 1)
+    boxes[:, 3:] += boxes[:, 1:3]
+    boxes.requires_grad_()
+    rotated = torch.cat([boxes.detach()[:, :3], torch.rand(30, 2, generator=gen, dtype=torch.float64) * 20 + 1,
+                         torch.rand(30, 1, generator=gen, dtype=torch.float64) * 360], 1).requires_grad_()
+    calls = {"avg": lambda: roialign.roi_align(x, boxes, 5, 0.5, 2, aligned=True),
+             "max": lambda: roialign.roi_align(x, boxes, 5, 0.5, 2, aligned=True, mode="max"),
+             "rotated": lambda: roialign.roi_align_rotated(x, rotated, 5, 0.5, 0),
+             "prroi": lambda: roialign.prroi_pool(x, boxes, 5, 0.5)}
+    for name, call in calls.items():
+        results = []
+        for tiled in (True, False):
+            common._LAYOUT_COPY["tiled"] = tiled
+            out = call()
+            inputs = (x, rotated) if name == "rotated" else (x, boxes)
+            results.append((out.detach(),) + torch.autograd.grad(out.pow(2).sum(), inputs))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), name
+
+
+def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():
+    """The channels-last copy of an NCHW map goes to a scratch buffer that later calls reuse:
+    a result computed before must not change, maps of other sizes must not see stale data,
+    and at most _KEEP buffers stay idle."""
+    from roialign.kernels.cpu import common
+
+    common.release_scratch()
+    gen = torch.Generator().manual_seed(9)
+    boxes = torch.tensor([[0, 1.0, 2.0, 30.0, 20.0], [0, -5.0, 4.0, 12.0, 40.0]])
+    results = []
+    for shape in [(1, 16, 32, 40), (1, 16, 32, 40), (1, 8, 24, 24), (1, 16, 32, 40), (1, 3, 50, 60), (1, 16, 32, 39),
+                  (1, 5, 9, 9), (1, 16, 32, 40)]:
+        x = torch.randn(*shape, generator=gen)
+        out = roialign.roi_align(x, boxes, 4, 1.0, 2, aligned=True)
+        with roialign.use_backend("reference"):
+            expected = roialign.roi_align(x, boxes, 4, 1.0, 2, aligned=True)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        results.append((out, out.clone()))
+        assert len(common._scratch._idle) <= common._Scratch._KEEP
+    for out, kept in results:
+        assert torch.equal(out, kept)
+    assert common._scratch._idle
+    common.release_scratch()
+    assert not common._scratch._idle
 
 
 # --- PrRoIPool: the two ways the Numba kernels read the map ---------------------------------------

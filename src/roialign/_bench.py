@@ -288,7 +288,13 @@ def main(argv: list[str] | None = None) -> None:
           f"python {platform.python_version()}; {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d')}")
     print(f"aligned={args.aligned}, median of {repeats}, providers timed round-robin; "
-          f"'x tv' = torchvision time / provider time\n")
+          f"'x tv' = torchvision time / provider time")
+    # What roialign.warmup() does on this host: the faster order of the NCHW <-> channels-last copies.
+    torch.set_num_threads(threads[0])
+    from .kernels.cpu.common import tune_layout_copies
+    copies = tune_layout_copies()
+    print(f"layout copies: {'tiled' if copies['tiled'] else 'streaming'} order (1 x 256 x 100 x 136 there and back: "
+          f"tiled {copies['tiled_s'] * 1e3:.1f} ms, streaming {copies['streaming_s'] * 1e3:.1f} ms)\n")
     rows = []
     for dtype in dtypes:
         for t in threads:

@@ -8,6 +8,7 @@ bitwise identical for any number of threads without atomics or locks.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -26,18 +27,27 @@ from .half_types import HALF_TYPES, kernel_array, narrow, widen
 JIT = dict(nogil=True, cache=True)
 
 
-_TILE = 32  # side of the square blocks that nchw_to_nhwc turns around
+_TILE = 32  # side of the square blocks of the tiled layout copies
 
 
 @numba.njit(**JIT)
-def nchw_to_nhwc(x, b, r0, r1, out):
+def nchw_to_nhwc(x, b, r0, r1, out, tiled):
     """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]`` (half bit patterns
-    widened to float32 on the way), in 32 x 32 blocks of (channels, columns) read into a small
-    buffer by source rows and written out by destination rows, so both sides are contiguous runs
-    the compiler vectorises; partial blocks at the edges go element by element. 3-4x faster than
-    16-column tiles written element by element for a 4 MB map (1 x 64 x 128 x 128), the same
-    for 55 MB ones."""
+    widened to float32 on the way).
+
+    Two orders, the same bytes: ``tiled`` turns 32 x 32 blocks of (channels, columns) around in
+    a small buffer, read by source rows and written by destination rows (partial blocks at the
+    edges element by element); otherwise the destination is written in order, one pixel's
+    channels after another. Which is faster depends on the host (the tiled order was 3-4x faster
+    than 16-column tiles on an AMD EPYC; the streaming one 2-3.5x faster than the tiled one on an
+    Intel Xeon for 3-56 MB maps), so :func:`tune_layout_copies` picks it by timing both."""
     channels, width = x.shape[1], x.shape[3]
+    if not tiled:
+        for r in range(r0, r1):
+            for q in range(width):
+                for c in range(channels):
+                    out[b, r, q, c] = widen(x[b, c, r, q])
+        return
     tile = np.empty((_TILE, _TILE), out.dtype)
     for r in range(r0, r1):
         for q0 in range(0, width, _TILE):
@@ -56,10 +66,16 @@ def nchw_to_nhwc(x, b, r0, r1, out):
 
 
 @numba.njit(**JIT)
-def nhwc_to_nchw(x, b, r0, r1, out):
+def nhwc_to_nchw(x, b, r0, r1, out, tiled):
     """Rows ``[r0, r1)`` of image ``b``: ``out[b, c, r, q] = x[b, r, q, c]``, the inverse of
-    :func:`nchw_to_nhwc`, in the same 32 x 32 blocks (3-5x faster than torch's copy here)."""
+    :func:`nchw_to_nhwc`, in the same two orders (streaming: the destination in order)."""
     width, channels = x.shape[2], x.shape[3]
+    if not tiled:
+        for r in range(r0, r1):
+            for c in range(channels):
+                for q in range(width):
+                    out[b, c, r, q] = x[b, r, q, c]
+        return
     tile = np.empty((_TILE, _TILE), x.dtype)
     for r in range(r0, r1):
         for q0 in range(0, width, _TILE):
@@ -77,14 +93,50 @@ def nhwc_to_nchw(x, b, r0, r1, out):
                             out[b, c, r, q] = x[b, r, q, c]
 
 
+# Whether the layout copies use the tiled order. Default (when ``warmup()`` was not called): the
+# streaming order, measured faster on the hosts where it was compared (README, "Layout copies").
+_LAYOUT_COPY = {"tiled": False}
+
+
+def _copy_rows(h: int, w: int, c: int) -> int:
+    return max(1, (1 << 16) // max(1, w * c))
+
+
 def planar_from_channels_last(t: Tensor) -> Tensor:
     """``[N, H, W, C]`` contiguous ``t`` as an NCHW-contiguous ``[N, C, H, W]`` tensor, copied by our pool."""
     n, h, w, c = t.shape
     out = empty((n, c, h, w), t.dtype)
-    rows = max(1, (1 << 16) // max(1, w * c))
-    workers.run(nhwc_to_nchw, [(t.numpy(), b, r0, min(h, r0 + rows), out.numpy()) for b in range(n)
+    rows, tiled = _copy_rows(h, w, c), _LAYOUT_COPY["tiled"]
+    workers.run(nhwc_to_nchw, [(t.numpy(), b, r0, min(h, r0 + rows), out.numpy(), tiled) for b in range(n)
                                for r0 in range(0, h, rows)])
     return out
+
+
+def tune_layout_copies(shape: tuple[int, int, int, int] = (1, 256, 100, 136), pairs: int = 3) -> dict:
+    """Time both orders of both layout copies on a float32 map of ``shape`` (default: a
+    detector's P3 level, 14 MB) with the current thread count, alternating, and keep the order
+    whose summed median time is lower. Both orders give the same bytes, so this choice never
+    changes a result. Returns the medians (seconds) and the choice."""
+    import time
+
+    n, c, h, w = shape
+    x = torch.randn(shape).numpy()
+    nhwc = empty((n, h, w, c), torch.float32).numpy()
+    nchw = empty(shape, torch.float32).numpy()
+    rows = _copy_rows(h, w, c)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(pairs + 1):
+        for tiled in (True, False):
+            start = time.perf_counter()
+            workers.run(nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), nhwc, tiled) for b in range(n)
+                                       for r0 in range(0, h, rows)])
+            workers.run(nhwc_to_nchw, [(nhwc, b, r0, min(h, r0 + rows), nchw, tiled) for b in range(n)
+                                       for r0 in range(0, h, rows)])
+            if i > 0:  # the first pair compiles or loads the kernels and faults the pages in
+                times[tiled].append(time.perf_counter() - start)
+    median = {tiled: float(np.median(t)) for tiled, t in times.items()}
+    _LAYOUT_COPY["tiled"] = median[True] < median[False]
+    return {"tiled_s": median[True], "streaming_s": median[False], "tiled": _LAYOUT_COPY["tiled"]}
 
 
 _MAX_GRID = 2**52  # adaptive sample counts are capped where float64 stops being exact
@@ -328,11 +380,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return t
 
 
-def channels_last_view(t: Tensor) -> np.ndarray:
+def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
     """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
 
-A channels-last half tensor is viewed as its bit patterns (see ``half_types``); an NCHW one is
-widened to float32 by the same copy that transposes it.
+    A channels-last half tensor is viewed as its bit patterns (see ``half_types``); an NCHW one is
+    widened to float32 by the same copy that transposes it. The copy goes to a fresh buffer, or
+    to ``buffer(shape, dtype)`` (see :func:`channels_last_map`).
 
     Our pool, not PyTorch's OpenMP threads, does the copy: it is faster here, and it is safe in a
     child forked after the parent used the kernels (GNU OpenMP is not).
@@ -342,9 +395,73 @@ widened to float32 by the same copy that transposes it.
         return kernel_array(t.permute(0, 2, 3, 1))
     x = kernel_array(t.contiguous())
     n, c, h, w = t.shape
-    out = empty((n, h, w, c), torch.float32 if t.dtype in HALF_TYPES else t.dtype).numpy()
-    rows = max(1, (1 << 16) // max(1, w * c))
-    workers.run(nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), out) for b in range(n) for r0 in range(0, h, rows)])
+    dtype = torch.float32 if t.dtype in HALF_TYPES else t.dtype
+    out = (empty if buffer is None else buffer)((n, h, w, c), dtype).numpy()
+    rows, tiled = _copy_rows(h, w, c), _LAYOUT_COPY["tiled"]
+    workers.run(nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), out, tiled) for b in range(n)
+                               for r0 in range(0, h, rows)])
     return out
 
 
+class _Scratch:
+    """Buffers for the channels-last copies of NCHW maps, kept between calls.
+
+    Fresh pages cost as much as the copy that fills them (faulting and zeroing 55 MB took about
+    15 ms next to a 16 ms copy on 2 threads), so a copy that lives only during one kernel call
+    goes to a buffer given back afterwards. The ``_KEEP`` most recently given back stay idle
+    (a feature pyramid's levels each find theirs); a request takes the smallest idle one that
+    holds it without wasting more than half of it. Memory stays bounded by ``_KEEP`` map copies;
+    :func:`release_scratch` frees them.
+    """
+
+    _KEEP = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[Tensor] = []
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> Tensor:
+        with self._lock:
+            fits = [i for i, buf in enumerate(self._idle) if nbytes <= buf.numel() <= 2 * nbytes]
+            if fits:
+                return self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
+        return empty((max(1, nbytes),), torch.uint8)
+
+    def give(self, buf: Tensor) -> None:
+        with self._lock:
+            self._idle = (self._idle + [buf])[-self._KEEP:]
+
+    def release(self) -> None:
+        with self._lock:
+            self._idle = []
+
+
+_scratch = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free the idle copy buffers (see :class:`_Scratch`)."""
+    _scratch.release()
+
+
+@contextlib.contextmanager
+def channels_last_map(t: Tensor):
+    """:func:`channels_last_view` for the duration of a ``with`` block: an NCHW map's copy goes
+    to a scratch buffer that later calls reuse. Nothing read from it may outlive the block."""
+    taken: list[Tensor] = []
+
+    def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        taken.append(_scratch.take(nbytes))
+        return taken[-1][:nbytes].view(dtype).view(shape)
+
+    try:
+        yield channels_last_view(t, buffer)
+    finally:
+        for buf in taken:
+            _scratch.give(buf)

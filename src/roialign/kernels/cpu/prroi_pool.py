@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import JIT, channels_last_view, empty, planar_from_channels_last, ranges, transpose_boxes, workers
+from .common import JIT, channels_last_map, empty, planar_from_channels_last, ranges, transpose_boxes, workers
 
 
 # The geometry of ``kernels/reference/prroi_pool.py`` (see there), per box: the same formulas,
@@ -380,13 +380,13 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     n, c, h, w = input.shape
     k = rois.shape[0]
     geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS)
-    feat = channels_last_view(input.detach().to(compute_dtype(input.dtype)))
     out = empty((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
-    for name, boxes, (xi, xv, _, _, yi, yv, _, _) in geo.paths():
-        source = feat if name == "map" else _integral_image(feat)
-        workers.run(_forward, [(source, geo.batch, geo.finite, xi, xv, yi, yv, boxes[lo:hi], out_np)
-                               for lo, hi in ranges(boxes.size, 4 * workers.size())])
+    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat:
+        for name, boxes, (xi, xv, _, _, yi, yv, _, _) in geo.paths():
+            source = feat if name == "map" else _integral_image(feat)
+            workers.run(_forward, [(source, geo.batch, geo.finite, xi, xv, yi, yv, boxes[lo:hi], out_np)
+                                   for lo, hi in ranges(boxes.size, 4 * workers.size())])
     return out.to(input.dtype)
 
 
@@ -432,14 +432,15 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
         grad_input = torch.zeros_like(input, memory_format=memory_format)
     if not want_rois:
         return grad_input, rois.new_zeros(rois.shape)
-    feat = channels_last_view(input.detach().to(compute_dtype(input.dtype)))  # only the box gradient reads the map
-    s = _integral_image(feat) if reads_integral else None
     gxs, gxe = np.zeros((k, pooled_width)), np.zeros((k, pooled_width))
     gys, gye = np.zeros((k, pooled_height)), np.zeros((k, pooled_height))
-    for name, boxes, tables in geo.paths():
-        source = feat if name == "map" else s
-        workers.run(_backward_rois, [(grad_t, source, geo.batch, geo.finite, *tables, boxes[lo:hi], gxs, gxe, gys, gye)
-                                     for lo, hi in ranges(boxes.size, 4 * workers.size())])
+    # only the box gradient reads the map
+    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat:
+        s = _integral_image(feat) if reads_integral else None
+        for name, boxes, tables in geo.paths():
+            source = feat if name == "map" else s
+            workers.run(_backward_rois, [(grad_t, source, geo.batch, geo.finite, *tables, boxes[lo:hi], gxs, gxe, gys,
+                                          gye) for lo, hi in ranges(boxes.size, 4 * workers.size())])
     grad_rois = shared.box_gradient(rois, spatial_scale, geo.finite_t,
                                     *(torch.from_numpy(t) for t in (gxs, gxe, gys, gye)))
     return grad_input, grad_rois.to(rois.dtype)

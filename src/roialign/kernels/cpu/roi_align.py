@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
-from .common import (JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_view, empty, store_band,
+from .common import (JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_map, empty, store_band,
                      transpose_boxes, visible_samples, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
@@ -331,13 +331,14 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     out_np = kernel_array(out.view(k, c, pooled_height * pooled_width))
     x = input.detach()
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
-        feat, kernel = kernel_array(x.contiguous()), _forward_nchw
-    else:
-        feat, kernel = channels_last_view(x), _forward_nhwc
     order, parts = box_jobs(k)
-    workers.run(kernel, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
-                           pooled_width, T, out_np) for lo, hi in parts])
+    if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
+        workers.run(_forward_nchw, [(kernel_array(x.contiguous()), geometry, order, lo, hi, spatial_scale, aligned,
+                                     sampling_ratio, pooled_height, pooled_width, T, out_np) for lo, hi in parts])
+        return out
+    with channels_last_map(x) as feat:
+        workers.run(_forward_nhwc, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio,
+                                     pooled_height, pooled_width, T, out_np) for lo, hi in parts])
     return out
 
 
@@ -377,12 +378,12 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     geometry, T = box_geometry(rois, dtype)
     k, c = rois.shape[0], input.shape[1]
     grad_np = kernel_array(grad.detach().contiguous().view(k, c, -1))
-    feat = channels_last_view(input.detach())
     grad_rois = np.zeros((k, 5), dtype=np.float64)
     order, parts = box_jobs(k)
-    workers.run(_backward_rois_nhwc, [(grad_np, feat, geometry, order, lo, hi, spatial_scale, aligned,
-                                        sampling_ratio, pooled_height, pooled_width, T, grad_rois)
-                                       for lo, hi in parts])
+    with channels_last_map(input) as feat:
+        workers.run(_backward_rois_nhwc, [(grad_np, feat, geometry, order, lo, hi, spatial_scale, aligned,
+                                            sampling_ratio, pooled_height, pooled_width, T, grad_rois)
+                                           for lo, hi in parts])
     return torch.from_numpy(grad_rois).to(rois.dtype)
 
 

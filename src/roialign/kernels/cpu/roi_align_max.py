@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..reference.common import compute_dtype
-from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channels_last_view, empty,
+from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channels_last_map, empty,
                      planar_from_channels_last, ranges, transpose_boxes, visible_samples, workers)
 
 
@@ -306,25 +306,26 @@ def _backward_rois(grad, arg, feat, geometry, lo, hi, spatial_scale, aligned, sa
 # Launchers: torch tensors in, torch tensors out.
 
 
-def _winners(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-             sampling_ratio: int, aligned: bool, onnx: bool, record: bool):
-    dtype = compute_dtype(input.dtype)
-    k, c = rois.shape[0], input.shape[1]
+def _winners(feat: np.ndarray, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+             sampling_ratio: int, aligned: bool, onnx: bool, record: bool, dtype: torch.dtype):
+    """Forward on the channels-last map ``feat``: (output, the winners if ``record``, geometry, T)."""
+    k, c = rois.shape[0], feat.shape[3]
     geometry, T = box_geometry(rois, dtype)
     out = empty((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     arg = np.empty((k, pooled_height * pooled_width, c) if record else (0, 0, 0), np.int64)
-    feat = channels_last_view(input.detach().to(dtype))
     _, parts = box_jobs(k)
     workers.run(_forward, [(feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
                             pooled_width, onnx, T, out_np, arg, record) for lo, hi in parts])
-    return out, arg, feat, geometry, T
+    return out, arg, geometry, T
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
             sampling_ratio: int, aligned: bool, onnx: bool) -> Tensor:
-    out, _, _, _, _ = _winners(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx,
-                               False)
+    dtype = compute_dtype(input.dtype)
+    with channels_last_map(input.detach().to(dtype)) as feat:
+        out, _, _, _ = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx,
+                                False, dtype)
     return out.to(input.dtype)
 
 
@@ -332,11 +333,19 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
              sampling_ratio: int, aligned: bool, onnx: bool, channels_last: bool, want_input: bool = True,
              want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
+    dtype = compute_dtype(input.dtype)
+    with channels_last_map(input.detach().to(dtype)) as feat:
+        return _backward(feat, grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                         onnx, channels_last, want_input, want_rois, dtype)
+
+
+def _backward(feat: np.ndarray, grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
+              pooled_width: int, sampling_ratio: int, aligned: bool, onnx: bool, channels_last: bool,
+              want_input: bool, want_rois: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, c, h, w = input.shape
     k = rois.shape[0]
-    _, arg, feat, geometry, T = _winners(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
-                                         aligned, onnx, True)
-    dtype = compute_dtype(input.dtype)
+    _, arg, geometry, T = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                                   onnx, True, dtype)
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, pooled_height * pooled_width).numpy()
     grad_t = empty((k, pooled_height * pooled_width, c), dtype).numpy()  # [K, bins, C]: channel runs
     workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])

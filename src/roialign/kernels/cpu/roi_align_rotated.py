@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (JIT, band_of, box_jobs, channels_last_view, empty, store_band, transpose_boxes, visible_samples,
+from .common import (JIT, band_of, box_jobs, channels_last_map, empty, store_band, transpose_boxes, visible_samples,
                      workers)
 
 
@@ -364,10 +364,10 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
                                                    aligned, clockwise, degrees, dtype, h, w, n)
     out = empty((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
-    feat = channels_last_view(input.detach().to(dtype))
     _, parts = box_jobs(k)
-    workers.run(_forward, [(feat, table, grid, extent, batch, lo, hi, pooled_height, pooled_width, T, out_np)
-                           for lo, hi in parts])
+    with channels_last_map(input.detach().to(dtype)) as feat:
+        workers.run(_forward, [(feat, table, grid, extent, batch, lo, hi, pooled_height, pooled_width, T, out_np)
+                               for lo, hi in parts])
     return out if dtype == input.dtype else out.to(input.dtype)
 
 
@@ -409,11 +409,11 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     table, grid, extent, batch, fixed, T, _ = _prepare(rois, spatial_scale, (pooled_height, pooled_width),
                                                        sampling_ratio, aligned, clockwise, degrees, dtype, h, w, n)
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, -1).numpy()
-    feat = channels_last_view(input.detach().to(dtype))
     acc = np.zeros((k, 5), dtype=np.float64)
     _, parts = box_jobs(k)
-    workers.run(_backward_rois, [(grad_np, feat, table, grid, extent, fixed, batch, lo, hi, pooled_height,
-                                  pooled_width, T, acc) for lo, hi in parts])
+    with channels_last_map(input.detach().to(dtype)) as feat:
+        workers.run(_backward_rois, [(grad_np, feat, table, grid, extent, fixed, batch, lo, hi, pooled_height,
+                                      pooled_width, T, acc) for lo, hi in parts])
     scale = np.array([spatial_scale] * 4 + [angle_factor(degrees, clockwise)])
     grad_rois = np.zeros((k, 6), dtype=np.float64)
     grad_rois[:, 1:] = acc * scale
