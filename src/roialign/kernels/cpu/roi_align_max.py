@@ -25,6 +25,8 @@ sample on its side (value 0, the same place in row-major order), so a huge box i
 
 from __future__ import annotations
 
+import contextlib
+
 import numba
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channels_last_map, empty,
-                     planar_from_channels_last, ranges, transpose_boxes, visible_samples, workers)
+                     planar_from_channels_last, ranges, scratch, transpose_boxes, visible_samples, workers)
 
 
 @numba.njit(inline="always", **JIT)
@@ -307,13 +309,15 @@ def _backward_rois(grad, arg, feat, geometry, lo, hi, spatial_scale, aligned, sa
 
 
 def _winners(feat: np.ndarray, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-             sampling_ratio: int, aligned: bool, onnx: bool, record: bool, dtype: torch.dtype):
-    """Forward on the channels-last map ``feat``: (output, the winners if ``record``, geometry, T)."""
+             sampling_ratio: int, aligned: bool, onnx: bool, record: bool, dtype: torch.dtype, arg=None):
+    """Forward on the channels-last map ``feat``: (output, the winners if ``record``, geometry, T).
+    With ``record`` the winners go to ``arg`` ([K, bins, C] int64, every entry written)."""
     k, c = rois.shape[0], feat.shape[3]
     geometry, T = box_geometry(rois, dtype)
     out = empty((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
-    arg = np.empty((k, pooled_height * pooled_width, c) if record else (0, 0, 0), np.int64)
+    if not record:
+        arg = np.empty((0, 0, 0), np.int64)
     _, parts = box_jobs(k)
     workers.run(_forward, [(feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
                             pooled_width, onnx, T, out_np, arg, record) for lo, hi in parts])
@@ -334,23 +338,30 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
              want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
     dtype = compute_dtype(input.dtype)
-    with channels_last_map(input.detach().to(dtype)) as feat:
-        return _backward(feat, grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
-                         onnx, channels_last, want_input, want_rois, dtype)
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    # The map's copy, the winners and (for NCHW input, whose gradient is copied out) the
+    # channels-last gradient live only during this call: scratch buffers, not fresh pages.
+    with channels_last_map(input.detach().to(dtype)) as feat, \
+            scratch((k, pooled_height * pooled_width, c), torch.int64) as arg, \
+            (contextlib.nullcontext(empty((n, h, w, c), dtype)) if channels_last else
+             scratch((n, h, w, c), dtype)) as grad_feat:
+        return _backward(feat, arg.numpy(), grad_feat.zero_(), grad, input, rois, spatial_scale, pooled_height,
+                         pooled_width, sampling_ratio, aligned, onnx, channels_last, want_input, want_rois, dtype)
 
 
-def _backward(feat: np.ndarray, grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
-              pooled_width: int, sampling_ratio: int, aligned: bool, onnx: bool, channels_last: bool,
-              want_input: bool, want_rois: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _backward(feat: np.ndarray, arg: np.ndarray, grad_feat: Tensor, grad: Tensor, input: Tensor, rois: Tensor,
+              spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
+              onnx: bool, channels_last: bool, want_input: bool, want_rois: bool,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, c, h, w = input.shape
     k = rois.shape[0]
     _, arg, geometry, T = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
-                                   onnx, True, dtype)
+                                   onnx, True, dtype, arg)
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, pooled_height * pooled_width).numpy()
     grad_t = empty((k, pooled_height * pooled_width, c), dtype).numpy()  # [K, bins, C]: channel runs
     workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    grad_feat = empty((n, h, w, c), dtype).zero_()  # huge pages where the kernel allows: fewer page faults
     if want_input:
         block = max(16, -(-c // workers.size()))
         workers.run(_backward_input, [(grad_t, arg, geometry, spatial_scale, aligned, sampling_ratio, pooled_height,
