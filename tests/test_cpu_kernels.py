@@ -254,13 +254,14 @@ def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():
     assert not common._scratch._idle
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_results_and_gradients_never_share_a_scratch_buffer(channels_last):
+def test_results_and_gradients_never_share_a_scratch_buffer(channels_last, dtype):
     """Outputs and gradients returned by every operator stay as they were while later calls of
     the same shapes reuse the scratch buffers (map copies, max-mode winners and gradients)."""
     gen = torch.Generator().manual_seed(11)
-    boxes = torch.tensor([[0, 1.0, 2.0, 30.0, 20.0], [1, -5.0, 4.0, 12.0, 40.0], [0, 3.0, 3.0, 9.0, 9.5]])
-    rotated = torch.tensor([[0, 15.0, 11.0, 20.0, 9.0, 30.0], [1, 8.0, 20.0, 14.0, 30.0, -60.0]])
+    boxes = torch.tensor([[0, 1.0, 2.0, 30.0, 20.0], [1, -5.0, 4.0, 12.0, 40.0], [0, 3.0, 3.0, 9.0, 9.5]], dtype=dtype)
+    rotated = torch.tensor([[0, 15.0, 11.0, 20.0, 9.0, 30.0], [1, 8.0, 20.0, 14.0, 30.0, -60.0]], dtype=dtype)
     calls = {"avg": lambda x: roialign.roi_align(x, boxes, 4, 1.0, 2, aligned=True),
              "max": lambda x: roialign.roi_align(x, boxes, 4, 1.0, 2, aligned=True, mode="max"),
              "onnx_max": lambda x: roialign.roi_align(x, boxes, 4, 1.0, 2, aligned=True, mode="onnx_max"),
@@ -269,12 +270,12 @@ def test_results_and_gradients_never_share_a_scratch_buffer(channels_last):
     for name, call in calls.items():
         kept = []
         for _ in range(3):
-            x = torch.randn(2, 24, 33, 37, generator=gen)
+            x = torch.randn(2, 24, 33, 37, generator=gen, dtype=dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_()
             out = call(x)
-            (grad,) = torch.autograd.grad(out, x, torch.randn(out.shape, generator=gen))
+            (grad,) = torch.autograd.grad(out, x, torch.randn(out.shape, generator=gen, dtype=dtype))
             assert grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             kept.append((out.detach(), out.detach().clone(), grad, grad.clone()))
         for out, out_copy, grad, grad_copy in kept:

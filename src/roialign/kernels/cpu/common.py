@@ -450,7 +450,7 @@ def release_scratch() -> None:
 
 
 @contextlib.contextmanager
-def _scratch_buffers():
+def scratch_buffers():
     """A function ``buffer(shape, dtype) -> Tensor`` handing out scratch tensors (contents
     undefined) that go back to the pool when the ``with`` block ends."""
     taken: list[Tensor] = []
@@ -471,7 +471,7 @@ def _scratch_buffers():
 def channels_last_map(t: Tensor):
     """:func:`channels_last_view` for the duration of a ``with`` block: an NCHW map's copy goes
     to a scratch buffer that later calls reuse. Nothing read from it may outlive the block."""
-    with _scratch_buffers() as buffer:
+    with scratch_buffers() as buffer:
         yield channels_last_view(t, buffer)
 
 
@@ -479,5 +479,5 @@ def channels_last_map(t: Tensor):
 def scratch(shape: tuple[int, ...], dtype: torch.dtype):
     """A scratch tensor (contents undefined) for the duration of a ``with`` block, from the same
     pool as :func:`channels_last_map`'s copies: for large buffers that do not outlive a call."""
-    with _scratch_buffers() as buffer:
+    with scratch_buffers() as buffer:
         yield buffer(shape, dtype)

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import JIT, channels_last_map, empty, planar_from_channels_last, ranges, transpose_boxes, workers
+from .common import (JIT, channels_last_map, empty, planar_from_channels_last, ranges, scratch_buffers,
+                     transpose_boxes, workers)
 
 
 # The geometry of ``kernels/reference/prroi_pool.py`` (see there), per box: the same formulas,
@@ -334,9 +335,10 @@ _DIRECT_TAPS = 12
 _DIRECT_TAPS_BACKWARD = 5
 
 
-def _integral_image(feat: np.ndarray) -> np.ndarray:
+def _integral_image(feat: np.ndarray, buffer=empty) -> np.ndarray:
+    """The float64 integral image [N, H + 1, W + 1, C] of ``feat``, in ``buffer(shape, dtype)``."""
     n, h, w, c = feat.shape
-    s = empty((n, h + 1, w + 1, c), torch.float64).numpy()
+    s = buffer((n, h + 1, w + 1, c), torch.float64).numpy()
     block = max(8, -(-c // max(1, workers.size() // n)))
     workers.run(_integral, [(feat, b, c0, min(c, c0 + block), s) for b in range(n) for c0 in range(0, c, block)])
     return s
@@ -382,12 +384,48 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS)
     out = empty((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
-    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat:
+    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat, scratch_buffers() as buffer:
         for name, boxes, (xi, xv, _, _, yi, yv, _, _) in geo.paths():
-            source = feat if name == "map" else _integral_image(feat)
+            source = feat if name == "map" else _integral_image(feat, buffer)
             workers.run(_forward, [(source, geo.batch, geo.finite, xi, xv, yi, yv, boxes[lo:hi], out_np)
                                    for lo, hi in ranges(boxes.size, 4 * workers.size())])
     return out.to(input.dtype)
+
+
+def _input_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, channels_last: bool, reads_map: bool,
+                    reads_integral: bool, buffer) -> Tensor:
+    """The input gradient in the input's layout and dtype; ``buffer`` hands out the buffers that
+    do not outlive the call (the integral image's gradient, and the float64 or channels-last
+    gradient when it is converted or copied out)."""
+    n, c, h, w = input.shape
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    order = np.argsort(geo.batch, kind="stable")
+    starts = np.searchsorted(geo.batch[order], np.arange(n + 1))
+    block = max(16, -(-c // max(1, workers.size() // max(1, n))))
+    per_image = [(b, order[starts[b]:starts[b + 1]]) for b in range(n) if starts[b + 1] > starts[b]]
+    # The pixels' own accumulation comes first, in float64; the integral image's is added to it.
+    feat_dtype = torch.float64 if reads_map else compute_dtype(input.dtype)
+    returned = channels_last and feat_dtype == input.dtype  # else it is converted or copied out
+    grad_feat = (empty if returned else buffer)((n, h, w, c), feat_dtype)
+    grad_s = buffer((n, h + 1, w + 1, c), torch.float64).zero_().numpy() if reads_integral else None
+    targets = []
+    if reads_map:
+        targets.append((geo.direct, geo.taps, grad_feat.zero_().numpy()))
+    if reads_integral:
+        targets.append((~geo.direct, geo.integral, grad_s))
+    for chosen, (xi, xv, _, _, yi, yv, _, _), target in targets:
+        workers.run(_backward_input, [(grad_t, mine[chosen[mine]], geo.finite, xi, xv, yi, yv, b, c0,
+                                       min(c, c0 + block), target)
+                                      for b, mine in per_image for c0 in range(0, c, block)])
+    if reads_integral:
+        block = max(8, -(-c // max(1, workers.size() // n)))
+        workers.run(_suffix, [(grad_s, b, c0, min(c, c0 + block), grad_feat.numpy(), reads_map)
+                              for b in range(n) for c0 in range(0, c, block)])
+    if channels_last:
+        grad_input = grad_feat.permute(0, 3, 1, 2)
+    else:
+        grad_input = planar_from_channels_last(grad_feat)
+    return grad_input.to(input.dtype, memory_format=memory_format)
 
 
 def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -403,31 +441,8 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     reads_map, reads_integral = bool(geo.direct.any()), not geo.direct.all()
     if want_input:
-        order = np.argsort(geo.batch, kind="stable")
-        starts = np.searchsorted(geo.batch[order], np.arange(n + 1))
-        block = max(16, -(-c // max(1, workers.size() // max(1, n))))
-        per_image = [(b, order[starts[b]:starts[b + 1]]) for b in range(n) if starts[b + 1] > starts[b]]
-        # The pixels' own accumulation comes first, in float64; the integral image's is added to it.
-        grad_feat = empty((n, h, w, c), torch.float64 if reads_map else compute_dtype(input.dtype))
-        grad_s = empty((n, h + 1, w + 1, c), torch.float64).zero_().numpy() if reads_integral else None
-        targets = []
-        if reads_map:
-            targets.append((geo.direct, geo.taps, grad_feat.zero_().numpy()))
-        if reads_integral:
-            targets.append((~geo.direct, geo.integral, grad_s))
-        for chosen, (xi, xv, _, _, yi, yv, _, _), target in targets:
-            workers.run(_backward_input, [(grad_t, mine[chosen[mine]], geo.finite, xi, xv, yi, yv, b, c0,
-                                           min(c, c0 + block), target)
-                                          for b, mine in per_image for c0 in range(0, c, block)])
-        if reads_integral:
-            block = max(8, -(-c // max(1, workers.size() // n)))
-            workers.run(_suffix, [(grad_s, b, c0, min(c, c0 + block), grad_feat.numpy(), reads_map)
-                                  for b in range(n) for c0 in range(0, c, block)])
-        if channels_last:
-            grad_input = grad_feat.permute(0, 3, 1, 2)
-        else:
-            grad_input = planar_from_channels_last(grad_feat)
-        grad_input = grad_input.to(input.dtype, memory_format=memory_format)
+        with scratch_buffers() as buffer:
+            grad_input = _input_gradient(grad_t, geo, input, channels_last, reads_map, reads_integral, buffer)
     else:
         grad_input = torch.zeros_like(input, memory_format=memory_format)
     if not want_rois:
@@ -435,8 +450,8 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     gxs, gxe = np.zeros((k, pooled_width)), np.zeros((k, pooled_width))
     gys, gye = np.zeros((k, pooled_height)), np.zeros((k, pooled_height))
     # only the box gradient reads the map
-    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat:
-        s = _integral_image(feat) if reads_integral else None
+    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat, scratch_buffers() as buffer:
+        s = _integral_image(feat, buffer) if reads_integral else None
         for name, boxes, tables in geo.paths():
             source = feat if name == "map" else s
             workers.run(_backward_rois, [(grad_t, source, geo.batch, geo.finite, *tables, boxes[lo:hi], gxs, gxe, gys,
