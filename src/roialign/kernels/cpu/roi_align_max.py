@@ -181,13 +181,15 @@ def _few_winners(grad, arg, k, j, b, oy, ny, ox, nx, y0, y1_, fry, x0, x1_, frx,
             t01 = grad_feat[b, y0[iy], x1_[ix]]
             t10 = grad_feat[b, y1_[iy], x0[ix]]
             t11 = grad_feat[b, y1_[iy], x1_[ix]]
-            if onnx:
-                for q in range(4):
-                    target = t00 if q == 0 else (t01 if q == 1 else (t10 if q == 2 else t11))
-                    wq = (hy if q < 2 else ly) * (hx if q % 2 == 0 else lx)
-                    for c in range(c0, c1):
-                        g = grad[k, j, c] if arg[k, j, c] == code + q else T(0.0)
-                        target[c] += g * wq
+            if onnx:  # the corner that won gets the gradient; one pass for all four (same sums, same order)
+                w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx
+                for c in range(c0, c1):
+                    q = arg[k, j, c] - code
+                    g = grad[k, j, c]
+                    t00[c] += (g if q == 0 else T(0.0)) * w00
+                    t01[c] += (g if q == 1 else T(0.0)) * w01
+                    t10[c] += (g if q == 2 else T(0.0)) * w10
+                    t11[c] += (g if q == 3 else T(0.0)) * w11
             else:
                 w00, w01, w10, w11 = hy * hx, hy * lx, ly * hx, ly * lx
                 for c in range(c0, c1):
