@@ -94,21 +94,22 @@ def nhwc_to_nchw(x, b, r0, r1, out, tiled):
 
 
 # Whether the layout copies use the tiled order. Default (when ``warmup()`` was not called): the
-# streaming order, measured faster on the hosts where it was compared (README, "Layout copies").
+# streaming order, measured faster on the hosts where it was compared (README, "On an Intel Xeon host").
 _LAYOUT_COPY = {"tiled": False}
 
 
-def _copy_rows(h: int, w: int, c: int) -> int:
-    return max(1, (1 << 16) // max(1, w * c))
+def _layout_copy(kernel, src: np.ndarray, out: np.ndarray, n: int, h: int, w: int, c: int, tiled: bool) -> None:
+    """Run ``kernel`` (:func:`nchw_to_nhwc` or :func:`nhwc_to_nchw`) on our pool, a job per band
+    of about 64K elements of rows of one image."""
+    rows = max(1, (1 << 16) // max(1, w * c))
+    workers.run(kernel, [(src, b, r0, min(h, r0 + rows), out, tiled) for b in range(n) for r0 in range(0, h, rows)])
 
 
 def planar_from_channels_last(t: Tensor) -> Tensor:
     """``[N, H, W, C]`` contiguous ``t`` as an NCHW-contiguous ``[N, C, H, W]`` tensor, copied by our pool."""
     n, h, w, c = t.shape
     out = empty((n, c, h, w), t.dtype)
-    rows, tiled = _copy_rows(h, w, c), _LAYOUT_COPY["tiled"]
-    workers.run(nhwc_to_nchw, [(t.numpy(), b, r0, min(h, r0 + rows), out.numpy(), tiled) for b in range(n)
-                               for r0 in range(0, h, rows)])
+    _layout_copy(nhwc_to_nchw, t.numpy(), out.numpy(), n, h, w, c, _LAYOUT_COPY["tiled"])
     return out
 
 
@@ -123,15 +124,12 @@ def tune_layout_copies(shape: tuple[int, int, int, int] = (1, 256, 100, 136), pa
     x = torch.randn(shape).numpy()
     nhwc = empty((n, h, w, c), torch.float32).numpy()
     nchw = empty(shape, torch.float32).numpy()
-    rows = _copy_rows(h, w, c)
     times: dict[bool, list[float]] = {True: [], False: []}
     for i in range(pairs + 1):
         for tiled in (True, False):
             start = time.perf_counter()
-            workers.run(nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), nhwc, tiled) for b in range(n)
-                                       for r0 in range(0, h, rows)])
-            workers.run(nhwc_to_nchw, [(nhwc, b, r0, min(h, r0 + rows), nchw, tiled) for b in range(n)
-                                       for r0 in range(0, h, rows)])
+            _layout_copy(nchw_to_nhwc, x, nhwc, n, h, w, c, tiled)
+            _layout_copy(nhwc_to_nchw, nhwc, nchw, n, h, w, c, tiled)
             if i > 0:  # the first pair compiles or loads the kernels and faults the pages in
                 times[tiled].append(time.perf_counter() - start)
     median = {tiled: float(np.median(t)) for tiled, t in times.items()}
@@ -397,9 +395,7 @@ def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
     n, c, h, w = t.shape
     dtype = torch.float32 if t.dtype in HALF_TYPES else t.dtype
     out = (empty if buffer is None else buffer)((n, h, w, c), dtype).numpy()
-    rows, tiled = _copy_rows(h, w, c), _LAYOUT_COPY["tiled"]
-    workers.run(nchw_to_nhwc, [(x, b, r0, min(h, r0 + rows), out, tiled) for b in range(n)
-                               for r0 in range(0, h, rows)])
+    _layout_copy(nchw_to_nhwc, x, out, n, h, w, c, _LAYOUT_COPY["tiled"])
     return out
 
 
