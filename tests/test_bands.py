@@ -94,7 +94,7 @@ def one_row_bands(monkeypatch):
     """Bands of a single row, so that a box skipped for a row it does reach shows at once."""
     if importlib.util.find_spec("numba") is not None:
         from roialign.kernels.cpu import roi_align as cpu_roi_align
-        monkeypatch.setattr(cpu_roi_align, "_BAND_BYTES", 1)
+        monkeypatch.setattr(cpu_roi_align, "BAND_BYTES", 1)
     if importlib.util.find_spec("triton") is not None:
         from roialign.kernels.triton import roi_align as triton_roi_align
         monkeypatch.setattr(triton_roi_align, "_BAND_ROWS", 1)

@@ -28,6 +28,9 @@ JIT = dict(nogil=True, cache=True)
 
 
 _TILE = 32  # side of the square blocks of the tiled layout copies
+# Rows of an input gradient accumulated together by one job (every operator's banded backward):
+# about one L2 cache, so that a band stays in cache while the boxes that cross it add to it.
+BAND_BYTES = 1 << 20
 
 
 @numba.njit(**JIT)

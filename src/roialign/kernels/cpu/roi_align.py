@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
-from .common import (JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_map, empty, store_band,
-                     transpose_boxes, visible_samples, workers)
+from .common import (BAND_BYTES, JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_map, empty,
+                     store_band, transpose_boxes, visible_samples, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
@@ -312,8 +312,6 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
 # ----------------------------------------------------------------------------------------------
 # Launchers: torch tensors in, torch tensors out.
 
-_BAND_BYTES = 1 << 20  # rows of input gradient accumulated together: about one L2 cache
-
 
 def _planar_is_cheaper(k: int, shape: torch.Size, pooled: int, sampling_ratio: int) -> bool:
     """Reading NCHW directly beats transposing the whole map when there is little work per pixel."""
@@ -364,7 +362,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     else:
         grad_input = empty((batch_size, channels, height, width), grad.dtype)
         target, result = kernel_array(grad_input), grad_input
-    band = max(1, _BAND_BYTES // max(1, width * channels * torch.finfo(dtype).bits // 8))
+    band = max(1, BAND_BYTES // max(1, width * channels * torch.finfo(dtype).bits // 8))
     jobs = [(grad_t, geometry, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0, min(height, r0 + band),
              spatial_scale, aligned, sampling_ratio, pooled_height, pooled_width, T, target, not channels_last)
             for b in range(batch_size) for r0 in range(0, height, band)]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (JIT, band_of, box_jobs, channels_last_map, empty, store_band, transpose_boxes, visible_samples,
+from .common import (BAND_BYTES, JIT, band_of, box_jobs, channels_last_map, empty, store_band, transpose_boxes, visible_samples,
                      workers)
 
 
@@ -334,8 +334,6 @@ def _backward_rois(grad, feat, geo, grid, extent, fixed, batch, lo, hi, pooled_h
 # ----------------------------------------------------------------------------------------------
 # Launchers: torch tensors in, torch tensors out.
 
-_BAND_BYTES = 1 << 20  # rows of input gradient accumulated together: about one L2 cache
-
 
 def _prepare(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool,
              clockwise: bool, degrees: bool, dtype: torch.dtype, height: int, width: int, batch_size: int):
@@ -392,7 +390,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     else:
         grad_input = empty((batch_size, channels, height, width), dtype)
         target, result = grad_input.numpy(), grad_input
-    band = max(1, _BAND_BYTES // max(1, width * channels * grad_input.element_size()))
+    band = max(1, BAND_BYTES // max(1, width * channels * grad_input.element_size()))
     cap_y, cap_x = _table_capacity(table, grid, extent, 0, table.shape[0], pooled_height, pooled_width, T)
     jobs = [(grad_t, table, grid, extent, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0,
              min(height, r0 + band), pooled_height, pooled_width, T, cap_y, cap_x, target, not channels_last)
