@@ -337,3 +337,33 @@ def test_prroi_pool_paths_on_a_mixed_workload(taps, monkeypatch):
     if taps:
         direct = cpu_prroi._Geometry(rois, 1.0, 7, 7, 30, 40, taps).direct
         assert direct.any() and not direct.all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_prroi_pool_input_gradient_bands_and_blocks_give_the_same_bits(channels_last, monkeypatch):
+    """The input gradient is accumulated in bands of rows (the integral image's suffix sums
+    carried from band to band) per block of channels: neither the band height nor the blocks
+    (set by the thread count) may change a bit, with boxes on both paths and an image without."""
+    from roialign.kernels.cpu import prroi_pool as cpu_prroi
+
+    monkeypatch.setattr(cpu_prroi, "_DIRECT_TAPS_BACKWARD", 6)
+    x, rois = problem(3, k=200)
+    rois[:, 0] = 0  # image 1 gets no boxes
+    rois[:, 1:] *= 0.3  # most boxes on the map, bins of up to 6 pixels
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(rois.shape[0], x.shape[1], 3, 3, generator=torch.Generator().manual_seed(1))
+    direct = cpu_prroi._Geometry(rois, 1.0, 3, 3, x.shape[2], x.shape[3], 6).direct
+    assert direct.any() and not direct.all()
+    results, before = [], torch.get_num_threads()
+    try:
+        for band_bytes, threads in ((cpu_prroi.BAND_BYTES, 2), (1, 1), (1, 3), (5000, 2)):
+            monkeypatch.setattr(cpu_prroi, "BAND_BYTES", band_bytes)
+            torch.set_num_threads(threads)
+            results.append(cpu_prroi.backward(grad, x, rois, 1.0, 3, 3, channels_last, True, False)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert results[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(results[0][1], torch.zeros_like(results[0][1]))
+    for other in results[1:]:
+        assert torch.equal(other, results[0])

@@ -265,12 +265,21 @@ def test_bad_arguments_are_named(call, error, match):
         call(x, rois)
 
 
-def test_empty_inputs():
-    x = torch.rand(1, 2, 5, 5, requires_grad=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_inputs(channels_last):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.rand(2, 2, 5, 5).contiguous(memory_format=memory_format).requires_grad_()
+    # A backward with boxes first, so that buffers the CPU kernels reuse hold other values.
+    roialign.prroi_pool(x, torch.tensor([[0, 0.0, 0.0, 4.0, 4.0], [1, 1.0, 0.0, 3.0, 2.0]]), 3).sum().backward()
+    x.grad = None
     out = roialign.prroi_pool(x, torch.zeros(0, 5), 3)
     assert out.shape == (0, 2, 3, 3)
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+    # an image without boxes gets a zero gradient
+    x.grad = None
+    roialign.prroi_pool(x, torch.tensor([[1, 0.0, 0.0, 4.0, 4.0]]), 3).sum().backward()
+    assert torch.equal(x.grad[0], torch.zeros_like(x[0])) and x.grad[1].abs().sum() > 0
 
 
 def _sample_inputs():

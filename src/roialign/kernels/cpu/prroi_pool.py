@@ -10,10 +10,12 @@ when some box needs it. Either way a table entry is one contiguous run of channe
   the row above.
 - forward: threads take runs of boxes (in row order, for cache reuse); per box, each row the
   bins read is summed along x once for every bin column, then the bins sum their rows.
-- input gradient: the same two steps transposed, into the map's gradient (boxes that read the
-  map) or the integral image's gradient, whose suffix sums (its adjoint) are then added. Each
-  thread owns one image and a block of channels and walks that image's boxes in order, so each
-  element has one writer and a fixed order of accumulation.
+- input gradient: the same two steps transposed, band by band of rows from the bottom, into
+  the band's gradient (boxes that read the map) or the band's integral-image gradient, whose
+  suffix sums (its adjoint) are then added, the column sums carried up to the next band. Each
+  job owns one image and a block of channels and walks that image's boxes in order, so each
+  element has one writer and a fixed order of accumulation; the bands stay in cache and are
+  written straight into the gradient's layout and dtype.
 - box gradient: one run of boxes per job; per entry, one dot product over channels with the
   output gradient serves the derivatives by all four edges of the bin.
 """
@@ -27,8 +29,8 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (JIT, channels_last_map, empty, planar_from_channels_last, ranges, scratch_buffers,
-                     transpose_boxes, workers)
+from .common import (BAND_BYTES, JIT, channels_last_map, empty, ranges, scratch_buffers, transpose_boxes, workers)
+from .half_types import kernel_array
 
 
 # The geometry of ``kernels/reference/prroi_pool.py`` (see there), per box: the same formulas,
@@ -152,26 +154,6 @@ def _integral(feat, b, c0, c1, s):
 
 
 @numba.njit(**JIT)
-def _suffix(grad_s, b, c0, c1, grad_feat, accumulate):
-    """The adjoint of ``_integral`` for channels ``[c0, c1)``, in one pass from the bottom right:
-    ``grad_feat[b, j, i, c] = grad_s[b, j + 1:, i + 1:, c].sum()``. ``grad_s`` is overwritten
-    with its suffix sums."""
-    height, width = grad_feat.shape[1], grad_feat.shape[2]
-    acc = np.empty(c1 - c0, np.float64)
-    for r in range(height, 0, -1):
-        acc[:] = 0.0
-        for k in range(width, 0, -1):
-            for c in range(c0, c1):
-                acc[c - c0] += grad_s[b, r, k, c]
-                total = acc[c - c0] + (grad_s[b, r + 1, k, c] if r < height else 0.0)
-                grad_s[b, r, k, c] = total
-                if accumulate:
-                    grad_feat[b, r - 1, k - 1, c] += total
-                else:
-                    grad_feat[b, r - 1, k - 1, c] = total
-
-
-@numba.njit(**JIT)
 def _rows_read(k, yi, yv, yds, yde, derivatives, used):
     """Mark in ``used`` the integral-image rows that box ``k``'s bins read (with a nonzero value
     coefficient, or derivative coefficient when ``derivatives``); return (first, last) or (0, -1)."""
@@ -249,29 +231,100 @@ def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
                     out[k, c, q * pooled_w + p] = acc[c]
 
 
-@numba.njit(**JIT)
-def _backward_input(grad, boxes, finite, xi, xv, yi, yv, b, c0, c1, grad_s):
-    """Image ``b``'s boxes ``boxes`` (in order), channels ``[c0, c1)``: ``grad_s += grad * Ay * Ax``,
-    through the rows each box reads (the forward's two steps, transposed)."""
-    pooled_w, entries = xi.shape[1], xi.shape[2]
-    spread = np.empty((grad_s.shape[1], pooled_w, grad_s.shape[3]), np.float64)
-    used = np.zeros(grad_s.shape[1], np.bool_)
-    for k in boxes:
-        if not finite[k]:
+@numba.njit(inline="always", **JIT)
+def _scatter_band(grad, k, yi, yv, xi, xv, shift, r0, r1, c0, spread, used, target):
+    """Add box ``k``'s output gradient (channels ``[c0, c0 + target.shape[2])``) to the rows of
+    ``target`` that fall in the band of pixel rows ``[r0, r1)``, through the tables (yi, yv, xi, xv):
+    per row, the bins' gradients weighed by that row's entries (``spread``), then per column entry.
+    Table rows are pixel rows plus ``shift`` (1 for the integral image's)."""
+    pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
+    channels = target.shape[2]
+    first, last = r1, r0 - 1
+    for q in range(pooled_h):
+        for ey in range(yi.shape[2]):
+            r = yi[k, q, ey] - shift
+            if yv[k, q, ey] != 0.0 and r0 <= r < r1:
+                used[r - r0] = True
+                first, last = min(first, r), max(last, r)
+    for r in range(first, last + 1):
+        if used[r - r0]:
+            spread[r - r0] = 0.0
+    for q in range(pooled_h):
+        for ey in range(yi.shape[2]):
+            cy, r = yv[k, q, ey], yi[k, q, ey] - shift
+            if cy != 0.0 and r0 <= r < r1:
+                for p in range(pooled_w):
+                    g, row = grad[k, q * pooled_w + p], spread[r - r0, p]
+                    for c in range(channels):
+                        row[c] += cy * g[c0 + c]
+    for r in range(first, last + 1):
+        if not used[r - r0]:
             continue
-        first, last = _rows_read(k, yi, yv, yv, yv, False, used)
-        _spread_rows(grad, k, yi, yv, first, last, used, c0, c1, spread)
-        for r in range(first, last + 1):
-            if not used[r]:
+        used[r - r0] = False
+        for p in range(pooled_w):
+            row = spread[r - r0, p]
+            for ex in range(entries):
+                cx = xv[k, p, ex]
+                if cx != 0.0:
+                    pixel = target[r - r0, xi[k, p, ex]]
+                    for c in range(channels):
+                        pixel[c] += cx * row[c]
+
+
+@numba.njit(**JIT)
+def _backward_input(grad, boxes, finite, direct, spans, txi, txv, tyi, tyv, xi, xv, yi, yv, b, c0, c1, band_rows,
+                    grad_input, planar):
+    """Image ``b``'s input gradient, channels ``[c0, c1)``, from its boxes ``boxes`` (in order), into
+    ``grad_input`` ([N, C, H, W] when ``planar``, else [N, H, W, C]; float32 or float64).
+
+    Bands of rows, from the bottom: boxes that read the map add their pixels' shares to the band
+    (``g``), the others add theirs to the integral image's gradient (``d``), whose suffix sums
+    (its adjoint) are then added, carried upwards from band to band in ``carry``. Both are float64
+    and stay in cache; each element has one writer and a fixed order of accumulation."""
+    height, width = (grad_input.shape[2], grad_input.shape[3]) if planar else (grad_input.shape[1],
+                                                                                 grad_input.shape[2])
+    channels = c1 - c0
+    g = np.empty((band_rows, width, channels))
+    d = np.empty((band_rows, width + 1, channels))
+    spread = np.empty((band_rows, txi.shape[1], channels))
+    used = np.zeros(band_rows, np.bool_)
+    carry = np.zeros((width + 1, channels))
+    acc = np.empty(channels)
+    integral = False
+    for k in boxes:
+        integral |= finite[k] and not direct[k]
+    r1 = height
+    while r1 > 0:
+        r0 = max(0, r1 - band_rows)
+        g[:r1 - r0] = 0.0
+        if integral:
+            d[:r1 - r0] = 0.0
+        for k in boxes:
+            if not finite[k] or spans[k, 1] < r0 or spans[k, 0] >= r1:
                 continue
-            used[r] = False
-            for p in range(pooled_w):
-                for ex in range(entries):
-                    cx = xv[k, p, ex]
-                    if cx != 0.0:
-                        col = xi[k, p, ex]
-                        for c in range(c0, c1):
-                            grad_s[b, r, col, c] += cx * spread[r, p, c]
+            if direct[k]:
+                _scatter_band(grad, k, tyi, tyv, txi, txv, 0, r0, r1, c0, spread, used, g)
+            else:
+                _scatter_band(grad, k, yi, yv, xi, xv, 1, r0, r1, c0, spread, used, d)
+        if integral:  # grad_feat[j, i] += sum of the integral image's gradient over [j + 1:, i + 1:]
+            for r in range(r1 - 1, r0 - 1, -1):
+                acc[:] = 0.0
+                row, out = d[r - r0], g[r - r0]
+                for i in range(width, 0, -1):
+                    for c in range(channels):
+                        acc[c] += row[i, c]
+                        total = acc[c] + carry[i, c]
+                        carry[i, c] = total
+                        out[i - 1, c] += total
+        if planar:
+            for c in range(channels):
+                for r in range(r0, r1):
+                    dest, src = grad_input[b, c0 + c, r], g[r - r0]
+                    for i in range(width):
+                        dest[i] = src[i, c]
+        else:
+            grad_input[b, r0:r1, :, c0:c1] = g[:r1 - r0]
+        r1 = r0
 
 
 @numba.njit(**JIT)
@@ -392,40 +445,41 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     return out.to(input.dtype)
 
 
-def _input_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, channels_last: bool, reads_map: bool,
-                    reads_integral: bool, buffer) -> Tensor:
-    """The input gradient in the input's layout and dtype; ``buffer`` hands out the buffers that
-    do not outlive the call (the integral image's gradient, and the float64 or channels-last
-    gradient when it is converted or copied out)."""
+def _row_spans(geo: "_Geometry") -> np.ndarray:
+    """[K, 2]: the first and last pixel rows each box's input gradient reaches, through the table
+    it uses ((H, -1) when it reaches none)."""
+    spans = np.empty((geo.direct.size, 2), np.int64)
+    for chosen, (index, value), shift in ((geo.direct, geo.taps[4:6], 0), (~geo.direct, geo.integral[4:6], 1)):
+        rows = index[chosen] - shift
+        nonzero = value[chosen] != 0.0
+        spans[chosen, 0] = np.where(nonzero, rows, np.iinfo(np.int64).max).min(axis=(1, 2), initial=np.iinfo(np.int64).max)
+        spans[chosen, 1] = np.where(nonzero, rows, -1).max(axis=(1, 2), initial=-1)
+    return spans
+
+
+def _input_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, channels_last: bool) -> Tensor:
+    """The input gradient in the input's layout and dtype. Jobs: (image, block of channels)."""
     n, c, h, w = input.shape
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    dtype = compute_dtype(input.dtype)
+    if channels_last:
+        grad_input = empty((n, h, w, c), dtype)
+        result = grad_input.permute(0, 3, 1, 2)
+    else:
+        grad_input = result = empty((n, c, h, w), dtype)
     order = np.argsort(geo.batch, kind="stable")
     starts = np.searchsorted(geo.batch[order], np.arange(n + 1))
-    block = max(16, -(-c // max(1, workers.size() // max(1, n))))
-    per_image = [(b, order[starts[b]:starts[b + 1]]) for b in range(n) if starts[b + 1] > starts[b]]
-    # The pixels' own accumulation comes first, in float64; the integral image's is added to it.
-    feat_dtype = torch.float64 if reads_map else compute_dtype(input.dtype)
-    returned = channels_last and feat_dtype == input.dtype  # else it is converted or copied out
-    grad_feat = (empty if returned else buffer)((n, h, w, c), feat_dtype)
-    grad_s = buffer((n, h + 1, w + 1, c), torch.float64).zero_().numpy() if reads_integral else None
-    targets = []
-    if reads_map:
-        targets.append((geo.direct, geo.taps, grad_feat.zero_().numpy()))
-    if reads_integral:
-        targets.append((~geo.direct, geo.integral, grad_s))
-    for chosen, (xi, xv, _, _, yi, yv, _, _), target in targets:
-        workers.run(_backward_input, [(grad_t, mine[chosen[mine]], geo.finite, xi, xv, yi, yv, b, c0,
-                                       min(c, c0 + block), target)
-                                      for b, mine in per_image for c0 in range(0, c, block)])
-    if reads_integral:
-        block = max(8, -(-c // max(1, workers.size() // n)))
-        workers.run(_suffix, [(grad_s, b, c0, min(c, c0 + block), grad_feat.numpy(), reads_map)
-                              for b in range(n) for c0 in range(0, c, block)])
-    if channels_last:
-        grad_input = grad_feat.permute(0, 3, 1, 2)
-    else:
-        grad_input = planar_from_channels_last(grad_feat)
-    return grad_input.to(input.dtype, memory_format=memory_format)
+    spans = _row_spans(geo)
+    # At least two jobs per thread where the channels allow (boxes differ in cost); the band's
+    # three float64 buffers (gradient, integral-image gradient, spread rows) fill about BAND_BYTES.
+    blocks = max(1, min(-(-2 * workers.size() // n), c // 64))
+    block = -(-c // blocks)
+    band_rows = max(1, BAND_BYTES // (8 * block * (2 * w + 1 + geo.taps[0].shape[1])))
+    (txi, txv, _, _, tyi, tyv, _, _), (xi, xv, _, _, yi, yv, _, _) = geo.taps, geo.integral
+    workers.run(_backward_input, [(grad_t, order[starts[b]:starts[b + 1]], geo.finite, geo.direct, spans, txi, txv,
+                                   tyi, tyv, xi, xv, yi, yv, b, c0, min(c, c0 + block), band_rows, grad_input.numpy(),
+                                   not channels_last)
+                                  for b in range(n) for c0 in range(0, c, block)])
+    return result.to(input.dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -435,30 +489,36 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     k = rois.shape[0]
     geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS_BACKWARD)
     bins = pooled_height * pooled_width
-    grad_np = grad.detach().double().contiguous().view(k, c, bins).numpy()
-    grad_t = empty((k, bins, c), torch.float64).numpy()  # [K, bins, C]: channel runs
-    workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    reads_map, reads_integral = bool(geo.direct.any()), not geo.direct.all()
-    if want_input:
-        with scratch_buffers() as buffer:
-            grad_input = _input_gradient(grad_t, geo, input, channels_last, reads_map, reads_integral, buffer)
-    else:
+    grad_input, grad_rois = None, rois.new_zeros(rois.shape)
+    with scratch_buffers() as buffer:
+        grad_t = buffer((k, bins, c), torch.float64).numpy()  # [K, bins, C] in float64: channel runs
+        workers.run(transpose_boxes, [(kernel_array(grad.detach().contiguous().view(k, c, bins)), lo, hi, grad_t)
+                                      for lo, hi in ranges(k, 4 * workers.size())])
+        if want_input:
+            grad_input = _input_gradient(grad_t, geo, input, channels_last)
+        if want_rois:
+            grad_rois = _box_gradient(grad_t, geo, input, rois, spatial_scale, buffer)
+    if grad_input is None:
         grad_input = torch.zeros_like(input, memory_format=memory_format)
-    if not want_rois:
-        return grad_input, rois.new_zeros(rois.shape)
+    return grad_input, grad_rois
+
+
+def _box_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, rois: Tensor, spatial_scale: float,
+                  buffer) -> Tensor:
+    """The box gradient [K, 5]: the derivatives by the bins' edges, then by the box's coordinates."""
+    k, pooled_width, pooled_height = rois.shape[0], geo.taps[0].shape[1], geo.taps[4].shape[1]
     gxs, gxe = np.zeros((k, pooled_width)), np.zeros((k, pooled_width))
     gys, gye = np.zeros((k, pooled_height)), np.zeros((k, pooled_height))
-    # only the box gradient reads the map
-    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat, scratch_buffers() as buffer:
-        s = _integral_image(feat, buffer) if reads_integral else None
+    with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat:
+        s = _integral_image(feat, buffer) if not geo.direct.all() else None
         for name, boxes, tables in geo.paths():
             source = feat if name == "map" else s
             workers.run(_backward_rois, [(grad_t, source, geo.batch, geo.finite, *tables, boxes[lo:hi], gxs, gxe, gys,
                                           gye) for lo, hi in ranges(boxes.size, 4 * workers.size())])
     grad_rois = shared.box_gradient(rois, spatial_scale, geo.finite_t,
                                     *(torch.from_numpy(t) for t in (gxs, gxe, gys, gye)))
-    return grad_input, grad_rois.to(rois.dtype)
+    return grad_rois.to(rois.dtype)
 
 
 def warmup() -> None:
