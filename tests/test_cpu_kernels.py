@@ -367,3 +367,22 @@ def test_prroi_pool_input_gradient_bands_and_blocks_give_the_same_bits(channels_
     assert torch.equal(results[0][1], torch.zeros_like(results[0][1]))
     for other in results[1:]:
         assert torch.equal(other, results[0])
+
+
+def test_prroi_pool_backward_chooses_each_image_path_by_counted_cost():
+    """A box whose bins fit the direct tables goes through the integral image only where that is
+    fewer updates, and only if its image's boxes together save more than the integral image's
+    fixed cost; a box too wide for the direct tables forces the integral image for its image."""
+    from roialign.kernels.cpu import prroi_pool as cpu_prroi
+
+    wide = [0.0, 40.0, 20.0, 60.0]  # bins of 10 pixels: fit 12 taps, far fewer integral updates
+    small = [2.0, 2.0, 5.0, 5.0]  # bins of 1.5 pixels: fewer updates through the map
+    huge = [0.0, 0.0, 63.0, 63.0]  # bins of 31.5 pixels: do not fit
+    rois = torch.tensor([[0] + wide, [0] + small] + [[1] + wide] * 200 + [[1] + small] + [[2] + huge, [2] + small,
+                                                                                           [2] + wide])
+    geo = cpu_prroi._Geometry(rois, 1.0, 2, 2, 64, 64, 12, (1.0, 4.0))
+    assert geo.direct[:2].all()  # image 0: one wide box saves less than the suffix sums cost
+    assert not geo.direct[2:202].any() and geo.direct[202]  # image 1: 200 of them do
+    assert list(geo.direct[203:]) == [False, True, False]  # image 2: forced; each box by its cost
+    # the forward sends every box that fits through the map
+    assert list(cpu_prroi._Geometry(rois, 1.0, 2, 2, 64, 64, 12).direct[[0, 2, 203, 204]]) == [True, True, False, True]

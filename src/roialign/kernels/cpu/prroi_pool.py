@@ -136,6 +136,35 @@ def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, finite, batch, 
         direct[k] = fits
 
 
+@numba.njit(inline="always", **JIT)
+def _updates(k, xi, xv, yi, yv, seen):
+    """Channel-run updates of box ``k``'s scatter through the tables (xi, xv, yi, yv): rows it
+    reaches times column entries, plus the spreading of the bins' gradients onto those rows."""
+    rows, cols, spread = 0, 0, 0
+    for q in range(yi.shape[1]):
+        for e in range(yi.shape[2]):
+            if yv[k, q, e] != 0.0:
+                spread += xi.shape[1]
+                if seen[yi[k, q, e]] != k:
+                    seen[yi[k, q, e]] = k
+                    rows += 1
+    for p in range(xi.shape[1]):
+        for e in range(xi.shape[2]):
+            cols += xv[k, p, e] != 0.0
+    return float(rows * cols + spread)
+
+
+@numba.njit(**JIT)
+def _path_costs(txi, txv, tyi, tyv, xi, xv, yi, yv, height, lo, hi, cost):
+    """``cost[k] = (through the map, through the integral image)`` for boxes ``[lo, hi)``."""
+    seen = np.full(height + 2, -1, np.int64)
+    for k in range(lo, hi):
+        cost[k, 0] = _updates(k, txi, txv, tyi, tyv, seen)
+        seen[:] = -1
+        cost[k, 1] = _updates(k, xi, xv, yi, yv, seen)
+        seen[:] = -1
+
+
 @numba.njit(**JIT)
 def _integral(feat, b, c0, c1, s):
     """``s[b, r, k, c] = feat[b, :r, :k, c].sum()`` for channels ``[c0, c1)``, in one pass: each
@@ -331,46 +360,65 @@ def _backward_input(grad, boxes, finite, direct, spans, txi, txv, tyi, tyv, xi, 
 def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, boxes, gxs, gxe, gys, gye):
     """Boxes ``boxes``: derivatives of ``sum(grad * out)`` by every bin's four edges.
 
-    By x edges: the output gradient spread onto the rows (as for the input gradient), dotted
-    with the entries' columns. By y edges: the rows summed along x (as in the forward), dotted
-    with the output gradient."""
+    By x edges: the output gradient spread onto the rows (as for the input gradient) times the
+    rows seen through the entries' derivative coefficients. By y edges: the output gradient times
+    the rows summed along x (as in the forward), through the rows' derivative coefficients. Both
+    are accumulated per channel and summed over the channels once per bin edge, so that every
+    inner loop runs over a channel run with no reduction in it."""
     channels = s.shape[3]
     pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
     rows = np.empty((s.shape[1], pooled_w, channels), np.float64)
     spread = np.empty((s.shape[1], pooled_w, channels), np.float64)
     used = np.zeros(s.shape[1], np.bool_)
+    by_start, by_end = np.empty(channels), np.empty(channels)
+    xs, xe = np.empty((pooled_w, channels)), np.empty((pooled_w, channels))
+    ys, ye = np.empty((pooled_h, channels)), np.empty((pooled_h, channels))
     for k in boxes:
         if not finite[k]:
             continue
         b = batch[k]
         first, last = _rows_read(k, yi, yv, yds, yde, True, used)
         _spread_rows(grad, k, yi, yv, first, last, used, 0, channels, spread)
+        xs[:], xe[:] = 0.0, 0.0
         for r in range(first, last + 1):
             if not used[r]:
                 continue
             used[r] = False
-            _row_sums(s, b, k, r, xi, xv, 0, channels, rows)
             for p in range(pooled_w):
+                row = rows[r, p]
+                row[:], by_start[:], by_end[:] = 0.0, 0.0, 0.0
                 for ex in range(entries):
-                    if xds[k, p, ex] == 0.0 and xde[k, p, ex] == 0.0:
+                    cx, ds, de = xv[k, p, ex], xds[k, p, ex], xde[k, p, ex]
+                    if cx == 0.0 and ds == 0.0 and de == 0.0:
                         continue
-                    col = xi[k, p, ex]
-                    dot = 0.0
+                    pixel = s[b, r, xi[k, p, ex]]
                     for c in range(channels):
-                        dot += spread[r, p, c] * s[b, r, col, c]
-                    gxs[k, p] += xds[k, p, ex] * dot
-                    gxe[k, p] += xde[k, p, ex] * dot
+                        row[c] += cx * pixel[c]
+                        by_start[c] += ds * pixel[c]
+                        by_end[c] += de * pixel[c]
+                sp = spread[r, p]
+                for c in range(channels):
+                    xs[p, c] += sp[c] * by_start[c]
+                    xe[p, c] += sp[c] * by_end[c]
+        ys[:], ye[:] = 0.0, 0.0
         for q in range(pooled_h):
             for ey in range(entries):
-                if yds[k, q, ey] == 0.0 and yde[k, q, ey] == 0.0:
+                ds, de = yds[k, q, ey], yde[k, q, ey]
+                if ds == 0.0 and de == 0.0:
                     continue
                 r = yi[k, q, ey]
-                dot = 0.0
                 for p in range(pooled_w):
+                    g, row = grad[k, q * pooled_w + p], rows[r, p]
                     for c in range(channels):
-                        dot += grad[k, q * pooled_w + p, c] * rows[r, p, c]
-                gys[k, q] += yds[k, q, ey] * dot
-                gye[k, q] += yde[k, q, ey] * dot
+                        term = g[c] * row[c]
+                        ys[q, c] += ds * term
+                        ye[q, c] += de * term
+        for p in range(pooled_w):
+            gxs[k, p] += xs[p].sum()
+            gxe[k, p] += xe[p].sum()
+        for q in range(pooled_h):
+            gys[k, q] += ys[q].sum()
+            gye[k, q] += ye[q].sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,12 +428,19 @@ def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, b
 # A box whose bins touch at most this many pixels along each axis reads the map itself (its
 # pixels' weights, a few per bin); wider ones read the integral image (6 x 6 entries per bin),
 # which is built only when some box needs it: with few boxes its construction costs more than
-# it saves (mask-14: about 30 ms for 100 boxes). The backward's scatter of a wide bin onto its
-# pixels costs more than onto 6 x 6 entries (boxhead-P2's input gradient: 789 ms at 12, 474 ms
-# through the integral image alone), so it reads the map only where a bin has no more pixels
-# than entries. Tests set both to 0 to send every box through the integral image.
+# it saves (mask-14: about 30 ms for 100 boxes). Tests set both to 0 to send every box through
+# the integral image.
 _DIRECT_TAPS = 12
-_DIRECT_TAPS_BACKWARD = 5
+# The backward chooses per box, among those that fit, by counting channel-run updates
+# (``_path_costs``): a wide bin costs one update per pixel and row through the map, six per row
+# through the integral image, whose rows are fewer too. An image's boxes use the integral image
+# only if together they save more than its fixed cost, in the same updates per pixel: the
+# suffix sums of the input gradient (about 4, measured against the scatter's: zeroing, two
+# running sums, one added store) and the integral image the box gradient reads (about 2, as
+# the forward's). Box-gradient updates count twice (row sums, then dot products).
+# Counted from the problem's sizes, so a choice, and the bits, never depend on the host.
+_DIRECT_TAPS_BACKWARD = 12
+_SUFFIX_UNITS, _INTEGRAL_IMAGE_UNITS = 4.0, 2.0
 
 
 def _integral_image(feat: np.ndarray, buffer=empty) -> np.ndarray:
@@ -408,7 +463,9 @@ class _Geometry:
     boxes use which; ``paths()`` yields (source name, boxes in row order, tables)."""
 
     def __init__(self, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int, height: int,
-                 width: int, taps: int) -> None:
+                 width: int, taps: int, weights: tuple[float, float] | None = None) -> None:
+        """``weights``: (per update, per pixel of fixed cost) to choose paths by cost (the
+        backward), or None to send every box that fits through the map (the forward)."""
         k, entries = rois.shape[0], shared.ENTRIES
         r = rois.detach().double().contiguous().numpy()
         self.finite, self.batch, self.direct = np.empty(k, np.bool_), np.empty(k, np.int64), np.empty(k, np.bool_)
@@ -418,10 +475,25 @@ class _Geometry:
 
         self.integral = tables(pooled_width, entries) + tables(pooled_height, entries)
         self.taps = tables(pooled_width, taps) + tables(pooled_height, taps)
+        jobs = ranges(k, 2 * workers.size())
         workers.run(_geometry_kernel, [(r, spatial_scale, height, width, lo, hi, self.finite, self.batch, self.direct,
-                                        *self.integral, *self.taps) for lo, hi in ranges(k, 2 * workers.size())])
+                                        *self.integral, *self.taps) for lo, hi in jobs])
+        if weights is not None and k:
+            self._choose(height, width, weights, jobs)
         self.finite_t = torch.from_numpy(self.finite)
         self.order = _row_order(self.batch, self.integral[4])
+
+    def _choose(self, height: int, width: int, weights: tuple[float, float], jobs) -> None:
+        cost = np.empty((self.direct.size, 2))
+        (txi, txv, _, _, tyi, tyv, _, _), (xi, xv, _, _, yi, yv, _, _) = self.taps, self.integral
+        workers.run(_path_costs, [(txi, txv, tyi, tyv, xi, xv, yi, yv, height, lo, hi, cost) for lo, hi in jobs])
+        fits = self.direct & self.finite
+        cheaper = fits & (cost[:, 0] <= cost[:, 1])
+        batch = np.where(self.finite, self.batch, 0)  # a NaN box's image index is no index
+        saving = np.bincount(batch, weights=np.where(fits & ~cheaper, cost[:, 0] - cost[:, 1], 0.0)) * weights[0]
+        forced = np.bincount(batch, weights=self.finite & ~fits) > 0
+        worth = forced | (saving > weights[1] * height * width)
+        self.direct = np.where(worth[batch], cheaper, fits)
 
     def paths(self, boxes: np.ndarray | None = None):
         boxes = self.order if boxes is None else boxes
@@ -469,9 +541,11 @@ def _input_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, channel
     order = np.argsort(geo.batch, kind="stable")
     starts = np.searchsorted(geo.batch[order], np.arange(n + 1))
     spans = _row_spans(geo)
-    # At least two jobs per thread where the channels allow (boxes differ in cost); the band's
-    # three float64 buffers (gradient, integral-image gradient, spread rows) fill about BAND_BYTES.
-    blocks = max(1, min(-(-2 * workers.size() // n), c // 64))
+    # One job per thread where the channels allow: every block of an image does the same work,
+    # and a wide block is cheaper per channel (each update is one run of the block's channels).
+    # The band's three float64 buffers (gradient, integral-image gradient, spread rows) fill
+    # about BAND_BYTES.
+    blocks = max(1, min(-(-workers.size() // n), c // 32))
     block = -(-c // blocks)
     band_rows = max(1, BAND_BYTES // (8 * block * (2 * w + 1 + geo.taps[0].shape[1])))
     (txi, txv, _, _, tyi, tyv, _, _), (xi, xv, _, _, yi, yv, _, _) = geo.taps, geo.integral
@@ -487,7 +561,8 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
     n, c, h, w = input.shape
     k = rois.shape[0]
-    geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS_BACKWARD)
+    weights = (want_input + 2.0 * want_rois, want_input * _SUFFIX_UNITS + want_rois * _INTEGRAL_IMAGE_UNITS)
+    geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS_BACKWARD, weights)
     bins = pooled_height * pooled_width
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_input, grad_rois = None, rois.new_zeros(rois.shape)
