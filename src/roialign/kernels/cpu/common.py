@@ -405,13 +405,14 @@ def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
 
 class _Scratch:
     """Buffers that live only during one call, kept between calls: channels-last copies of NCHW
-    maps, max-mode winners, PrRoIPool's integral images and transient gradients.
+    maps, max-mode winners, the output gradient transposed to channel runs, PrRoIPool's integral
+    images.
 
     Fresh pages cost as much as the copy that fills them (faulting and zeroing 55 MB took about
-    15 ms next to a 16 ms copy on 2 threads), so such a buffer is given back afterwards. The ``_KEEP`` most recently given back stay idle
-    (a feature pyramid's levels each find theirs); a request takes the smallest idle one that
-    holds it without wasting more than half of it. Memory stays bounded by ``_KEEP`` buffers;
-    :func:`release_scratch` frees them.
+    15 ms next to a 16 ms copy on 2 threads), so such a buffer is given back afterwards. The
+    ``_KEEP`` most recently given back stay idle (a feature pyramid's levels each find theirs);
+    a request takes the smallest idle one that holds it without wasting more than half of it.
+    Memory stays bounded by ``_KEEP`` buffers; :func:`release_scratch` frees them.
     """
 
     _KEEP = 4

@@ -524,7 +524,8 @@ def _row_spans(geo: "_Geometry") -> np.ndarray:
     for chosen, (index, value), shift in ((geo.direct, geo.taps[4:6], 0), (~geo.direct, geo.integral[4:6], 1)):
         rows = index[chosen] - shift
         nonzero = value[chosen] != 0.0
-        spans[chosen, 0] = np.where(nonzero, rows, np.iinfo(np.int64).max).min(axis=(1, 2), initial=np.iinfo(np.int64).max)
+        none = np.iinfo(np.int64).max
+        spans[chosen, 0] = np.where(nonzero, rows, none).min(axis=(1, 2), initial=none)
         spans[chosen, 1] = np.where(nonzero, rows, -1).max(axis=(1, 2), initial=-1)
     return spans
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
 from .common import (BAND_BYTES, JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_map, empty,
-                     store_band, transpose_boxes, visible_samples, workers)
+                     scratch, store_band, transpose_boxes, visible_samples, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
@@ -346,27 +346,29 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     dtype = compute_dtype(grad.dtype)
     geometry, T = box_geometry(rois, dtype)
     grad_np = kernel_array(grad.detach().contiguous().view(grad.shape[0], channels, -1))
-    grad_t = empty((grad_np.shape[0], grad_np.shape[2], channels), dtype).numpy()
-    workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
-    # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
-    # and each job owns a band of rows of one image, so the result does not depend on threads.
-    batch = torch.from_numpy(geometry[:, 0]).long()
-    order = torch.argsort(batch, stable=True).numpy()
-    bounds = torch.searchsorted(batch[order].contiguous(), torch.arange(batch_size + 1)).numpy()
-    rows = row_span(rois, spatial_scale, aligned, height).numpy()
-    # A half gradient is accumulated in float32 bands and rounded as each band is stored.
-    if channels_last:
-        grad_input = empty((batch_size, height, width, channels), grad.dtype)
-        target = kernel_array(grad_input)
-        result = grad_input.permute(0, 3, 1, 2)
-    else:
-        grad_input = empty((batch_size, channels, height, width), grad.dtype)
-        target, result = kernel_array(grad_input), grad_input
-    band = max(1, BAND_BYTES // max(1, width * channels * torch.finfo(dtype).bits // 8))
-    jobs = [(grad_t, geometry, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0, min(height, r0 + band),
-             spatial_scale, aligned, sampling_ratio, pooled_height, pooled_width, T, target, not channels_last)
-            for b in range(batch_size) for r0 in range(0, height, band)]
-    workers.run(_backward_input_rows, jobs)
+    # the output gradient as [K, bins, C] (channel runs), in a scratch buffer: it dies with the call
+    with scratch((grad_np.shape[0], grad_np.shape[2], channels), dtype) as buffer:
+        grad_t = buffer.numpy()
+        workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
+        # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
+        # and each job owns a band of rows of one image, so the result does not depend on threads.
+        batch = torch.from_numpy(geometry[:, 0]).long()
+        order = torch.argsort(batch, stable=True).numpy()
+        bounds = torch.searchsorted(batch[order].contiguous(), torch.arange(batch_size + 1)).numpy()
+        rows = row_span(rois, spatial_scale, aligned, height).numpy()
+        # A half gradient is accumulated in float32 bands and rounded as each band is stored.
+        if channels_last:
+            grad_input = empty((batch_size, height, width, channels), grad.dtype)
+            target = kernel_array(grad_input)
+            result = grad_input.permute(0, 3, 1, 2)
+        else:
+            grad_input = empty((batch_size, channels, height, width), grad.dtype)
+            target, result = kernel_array(grad_input), grad_input
+        band = max(1, BAND_BYTES // max(1, width * channels * torch.finfo(dtype).bits // 8))
+        jobs = [(grad_t, geometry, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0, min(height, r0 + band),
+                 spatial_scale, aligned, sampling_ratio, pooled_height, pooled_width, T, target, not channels_last)
+                for b in range(batch_size) for r0 in range(0, height, band)]
+        workers.run(_backward_input_rows, jobs)
     return result
 
 

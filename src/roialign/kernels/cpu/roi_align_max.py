@@ -203,8 +203,9 @@ def _few_winners(grad, arg, k, j, b, oy, ny, ox, nx, y0, y1_, fry, x0, x1_, frx,
 @numba.njit(**JIT)
 def _backward_input(grad, arg, geometry, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, onnx, c0, c1,
                     T, grad_feat):
-    """Channels ``[c0, c1)`` of ``grad_feat`` ([N, H, W, C]) from ``grad`` ([K, bins, C]), every box in order. Each channel's
-    winner is decoded from ``arg`` and its taps looked up in the bin's tables."""
+    """Channels ``[c0, c1)`` of ``grad_feat`` ([N, H, W, C]) from ``grad`` ([K, bins, C]), every
+    box in order. Each channel's winner is decoded from ``arg`` and its taps looked up in the
+    bin's tables."""
     _, height, width, _ = grad_feat.shape
     for k in range(grad.shape[0]):
         y1, roi_h, _, grid_h, x1, roi_w, _, grid_w, finite = axis_aligned_box(
@@ -361,24 +362,25 @@ def _backward(feat: np.ndarray, arg: np.ndarray, grad_feat: Tensor, grad: Tensor
     _, arg, geometry, T = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                    onnx, True, dtype, arg)
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, pooled_height * pooled_width).numpy()
-    grad_t = empty((k, pooled_height * pooled_width, c), dtype).numpy()  # [K, bins, C]: channel runs
-    workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if want_input:
-        block = max(16, -(-c // workers.size()))
-        workers.run(_backward_input, [(grad_t, arg, geometry, spatial_scale, aligned, sampling_ratio, pooled_height,
-                                       pooled_width, onnx, c0, min(c, c0 + block), T, grad_feat.numpy())
-                                      for c0 in range(0, c, block)])
-    if channels_last:
-        grad_input = grad_feat.permute(0, 3, 1, 2)
-    else:
-        grad_input = planar_from_channels_last(grad_feat)
-    grad_input = grad_input.to(input.dtype, memory_format=memory_format)
-    grad_rois = np.zeros((k, 4), dtype=T)
-    if want_rois:
-        workers.run(_backward_rois, [(grad_t, arg, feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio,
-                                      pooled_height, pooled_width, onnx, T, grad_rois)
-                                     for lo, hi in ranges(k, 4 * workers.size())])
+    with scratch((k, pooled_height * pooled_width, c), dtype) as buffer:  # [K, bins, C]: channel runs
+        grad_t = buffer.numpy()
+        workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if want_input:
+            block = max(16, -(-c // workers.size()))
+            workers.run(_backward_input, [(grad_t, arg, geometry, spatial_scale, aligned, sampling_ratio, pooled_height,
+                                           pooled_width, onnx, c0, min(c, c0 + block), T, grad_feat.numpy())
+                                          for c0 in range(0, c, block)])
+        if channels_last:
+            grad_input = grad_feat.permute(0, 3, 1, 2)
+        else:
+            grad_input = planar_from_channels_last(grad_feat)
+        grad_input = grad_input.to(input.dtype, memory_format=memory_format)
+        grad_rois = np.zeros((k, 4), dtype=T)
+        if want_rois:
+            workers.run(_backward_rois, [(grad_t, arg, feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio,
+                                          pooled_height, pooled_width, onnx, T, grad_rois)
+                                         for lo, hi in ranges(k, 4 * workers.size())])
     box = torch.from_numpy(grad_rois) * spatial_scale
     return grad_input, torch.cat((torch.zeros_like(box[:, :1]), box), 1).to(rois.dtype)
 

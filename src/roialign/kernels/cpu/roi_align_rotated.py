@@ -25,8 +25,8 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (BAND_BYTES, JIT, band_of, box_jobs, channels_last_map, empty, store_band, transpose_boxes, visible_samples,
-                     workers)
+from .common import (BAND_BYTES, JIT, band_of, box_jobs, channels_last_map, empty, scratch, store_band, transpose_boxes,
+                     visible_samples, workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,25 +377,27 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
                                                      sampling_ratio, aligned, clockwise, degrees, dtype, height,
                                                      width, batch_size)
     grad_np = grad.detach().to(dtype).contiguous().view(grad.shape[0], channels, -1).numpy()
-    grad_t = empty((grad_np.shape[0], grad_np.shape[2], channels), dtype).numpy()
-    workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
-    # Boxes grouped by image, each group in its original order; each job owns a band of rows.
-    batch_t = torch.from_numpy(batch)
-    order = torch.argsort(batch_t, stable=True).numpy()
-    bounds = torch.searchsorted(batch_t[order].contiguous(), torch.arange(batch_size + 1)).numpy()
-    rows = rotated_row_span(rois.detach(), geo.cos, geo.sin, spatial_scale, aligned, height).numpy()
-    if channels_last:
-        grad_input = empty((batch_size, height, width, channels), dtype)
-        target, result = grad_input.numpy(), grad_input.permute(0, 3, 1, 2)
-    else:
-        grad_input = empty((batch_size, channels, height, width), dtype)
-        target, result = grad_input.numpy(), grad_input
-    band = max(1, BAND_BYTES // max(1, width * channels * grad_input.element_size()))
-    cap_y, cap_x = _table_capacity(table, grid, extent, 0, table.shape[0], pooled_height, pooled_width, T)
-    jobs = [(grad_t, table, grid, extent, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0,
-             min(height, r0 + band), pooled_height, pooled_width, T, cap_y, cap_x, target, not channels_last)
-            for b in range(batch_size) for r0 in range(0, height, band)]
-    workers.run(_backward_input_rows, jobs)
+    # the output gradient as [K, bins, C] (channel runs), in a scratch buffer: it dies with the call
+    with scratch((grad_np.shape[0], grad_np.shape[2], channels), dtype) as buffer:
+        grad_t = buffer.numpy()
+        workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
+        # Boxes grouped by image, each group in its original order; each job owns a band of rows.
+        batch_t = torch.from_numpy(batch)
+        order = torch.argsort(batch_t, stable=True).numpy()
+        bounds = torch.searchsorted(batch_t[order].contiguous(), torch.arange(batch_size + 1)).numpy()
+        rows = rotated_row_span(rois.detach(), geo.cos, geo.sin, spatial_scale, aligned, height).numpy()
+        if channels_last:
+            grad_input = empty((batch_size, height, width, channels), dtype)
+            target, result = grad_input.numpy(), grad_input.permute(0, 3, 1, 2)
+        else:
+            grad_input = empty((batch_size, channels, height, width), dtype)
+            target, result = grad_input.numpy(), grad_input
+        band = max(1, BAND_BYTES // max(1, width * channels * grad_input.element_size()))
+        cap_y, cap_x = _table_capacity(table, grid, extent, 0, table.shape[0], pooled_height, pooled_width, T)
+        jobs = [(grad_t, table, grid, extent, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0,
+                 min(height, r0 + band), pooled_height, pooled_width, T, cap_y, cap_x, target, not channels_last)
+                for b in range(batch_size) for r0 in range(0, height, band)]
+        workers.run(_backward_input_rows, jobs)
     return result if dtype == grad.dtype else result.to(grad.dtype)
 
 
