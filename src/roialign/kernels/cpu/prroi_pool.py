@@ -519,7 +519,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
 
 def _row_spans(geo: "_Geometry") -> np.ndarray:
     """[K, 2]: the first and last pixel rows each box's input gradient reaches, through the table
-    it uses ((H, -1) when it reaches none)."""
+    it uses ((int64 max, -1) when it reaches none, so that every band skips it)."""
     spans = np.empty((geo.direct.size, 2), np.int64)
     for chosen, (index, value), shift in ((geo.direct, geo.taps[4:6], 0), (~geo.direct, geo.integral[4:6], 1)):
         rows = index[chosen] - shift
