@@ -182,17 +182,19 @@ def _integral(feat, b, c0, c1, s):
                 here[c] = above[c] + acc[c]
 
 
-@numba.njit(**JIT)
-def _rows_read(k, yi, yv, yds, yde, derivatives, used):
-    """Mark in ``used`` the integral-image rows that box ``k``'s bins read (with a nonzero value
-    coefficient, or derivative coefficient when ``derivatives``); return (first, last) or (0, -1)."""
-    first, last = used.shape[0], -1
+@numba.njit(inline="always", **JIT)
+def _rows_read(k, yi, yv, yds, yde, derivatives, used, shift, r0, r1):
+    """Mark ``used[r - r0]`` for the rows ``r`` in ``[r0, r1)`` that box ``k``'s table entries read
+    (table row minus ``shift``) with a nonzero value coefficient, or derivative coefficient when
+    ``derivatives``; return (first, last), or (r1, r0 - 1) when none."""
+    first, last = r1, r0 - 1
     for q in range(yi.shape[1]):
         for ey in range(yi.shape[2]):
             if yv[k, q, ey] != 0.0 or (derivatives and (yds[k, q, ey] != 0.0 or yde[k, q, ey] != 0.0)):
-                r = yi[k, q, ey]
-                used[r] = True
-                first, last = min(first, r), max(last, r)
+                r = yi[k, q, ey] - shift
+                if r0 <= r < r1:
+                    used[r - r0] = True
+                    first, last = min(first, r), max(last, r)
     return first, last
 
 
@@ -211,20 +213,21 @@ def _row_sums(s, b, k, r, xi, xv, c0, c1, rows):
 
 
 @numba.njit(inline="always", **JIT)
-def _spread_rows(grad, k, yi, yv, first, last, used, c0, c1, spread):
-    """``spread[r, p, c] = sum over (q, ey) reading row r of yv[k, q, ey] * grad[k, q * PW + p, c]``."""
-    pooled_w = spread.shape[1]
+def _spread_rows(grad, k, yi, yv, shift, r0, r1, first, last, used, c0, spread):
+    """``spread[r - r0, p, c] = sum over (q, ey) reading row r of yv[k, q, ey] * grad[k, q * PW + p,
+    c0 + c]``, for the rows marked by :func:`_rows_read`."""
+    pooled_w, channels = spread.shape[1], spread.shape[2]
     for r in range(first, last + 1):
-        if used[r]:
-            spread[r, :, c0:c1] = 0.0
+        if used[r - r0]:
+            spread[r - r0] = 0.0
     for q in range(yi.shape[1]):
         for ey in range(yi.shape[2]):
-            cy = yv[k, q, ey]
-            if cy != 0.0:
-                r = yi[k, q, ey]
+            cy, r = yv[k, q, ey], yi[k, q, ey] - shift
+            if cy != 0.0 and r0 <= r < r1:
                 for p in range(pooled_w):
-                    for c in range(c0, c1):
-                        spread[r, p, c] += cy * grad[k, q * pooled_w + p, c]
+                    g, row = grad[k, q * pooled_w + p], spread[r - r0, p]
+                    for c in range(channels):
+                        row[c] += cy * g[c0 + c]
 
 
 @numba.njit(**JIT)
@@ -242,7 +245,7 @@ def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
             out[k] = np.nan
             continue
         b = batch[k]
-        first, last = _rows_read(k, yi, yv, yv, yv, False, used)
+        first, last = _rows_read(k, yi, yv, yv, yv, False, used, 0, 0, used.shape[0])
         for r in range(first, last + 1):
             if used[r]:
                 _row_sums(s, b, k, r, xi, xv, 0, channels, rows)
@@ -266,26 +269,9 @@ def _scatter_band(grad, k, yi, yv, xi, xv, shift, r0, r1, c0, spread, used, targ
     ``target`` that fall in the band of pixel rows ``[r0, r1)``, through the tables (yi, yv, xi, xv):
     per row, the bins' gradients weighed by that row's entries (``spread``), then per column entry.
     Table rows are pixel rows plus ``shift`` (1 for the integral image's)."""
-    pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
-    channels = target.shape[2]
-    first, last = r1, r0 - 1
-    for q in range(pooled_h):
-        for ey in range(yi.shape[2]):
-            r = yi[k, q, ey] - shift
-            if yv[k, q, ey] != 0.0 and r0 <= r < r1:
-                used[r - r0] = True
-                first, last = min(first, r), max(last, r)
-    for r in range(first, last + 1):
-        if used[r - r0]:
-            spread[r - r0] = 0.0
-    for q in range(pooled_h):
-        for ey in range(yi.shape[2]):
-            cy, r = yv[k, q, ey], yi[k, q, ey] - shift
-            if cy != 0.0 and r0 <= r < r1:
-                for p in range(pooled_w):
-                    g, row = grad[k, q * pooled_w + p], spread[r - r0, p]
-                    for c in range(channels):
-                        row[c] += cy * g[c0 + c]
+    pooled_w, entries, channels = xi.shape[1], xi.shape[2], target.shape[2]
+    first, last = _rows_read(k, yi, yv, yv, yv, False, used, shift, r0, r1)
+    _spread_rows(grad, k, yi, yv, shift, r0, r1, first, last, used, c0, spread)
     for r in range(first, last + 1):
         if not used[r - r0]:
             continue
@@ -377,8 +363,8 @@ def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, b
         if not finite[k]:
             continue
         b = batch[k]
-        first, last = _rows_read(k, yi, yv, yds, yde, True, used)
-        _spread_rows(grad, k, yi, yv, first, last, used, 0, channels, spread)
+        first, last = _rows_read(k, yi, yv, yds, yde, True, used, 0, 0, used.shape[0])
+        _spread_rows(grad, k, yi, yv, 0, 0, used.shape[0], first, last, used, 0, spread)
         xs[:], xe[:] = 0.0, 0.0
         for r in range(first, last + 1):
             if not used[r]:
