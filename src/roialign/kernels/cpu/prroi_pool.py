@@ -199,17 +199,40 @@ def _rows_read(k, yi, yv, yds, yde, derivatives, used, shift, r0, r1):
 
 
 @numba.njit(inline="always", **JIT)
-def _row_sums(s, b, k, r, xi, xv, c0, c1, rows):
-    """``rows[r, p, c] = sum_ex xv[k, p, ex] * s[b, r, xi[k, p, ex], c]``: row r of the map seen
-    through every bin column of box k."""
-    for p in range(xi.shape[1]):
-        rows[r, p, c0:c1] = 0.0
-        for ex in range(xi.shape[2]):
-            cx = xv[k, p, ex]
-            if cx != 0.0:
-                col = xi[k, p, ex]
-                for c in range(c0, c1):
-                    rows[r, p, c] += cx * s[b, r, col, c]
+def _nonzero(index, value, k, p, at, weight, t):
+    """Copy the entries of ``(index, value)[k, p]`` whose value is nonzero to the front of
+    ``at[t]`` and ``weight[t]``; return how many there are."""
+    n = 0
+    for e in range(index.shape[2]):
+        if value[k, p, e] != 0.0:
+            at[t, n], weight[t, n] = index[k, p, e], value[k, p, e]
+            n += 1
+    return n
+
+
+@numba.njit(inline="always", **JIT)
+def _weigh(dst, i, j, src, row, at, weight, t, n):
+    """``dst[i, j, c] = 0.0 + weight[t, 0] * src[row, at[t, 0], c] + ... + weight[t, n - 1] *
+    src[row, at[t, n - 1], c]``, added in that order.
+
+    Four entries per pass over the channels: the same additions, rounded alike, as one entry per
+    pass, with ``dst`` loaded and stored a quarter as often. Plain indices, not row views: a
+    view's reference counting costs more than a short channel run."""
+    channels, e = dst.shape[2], 0
+    for c in range(channels):
+        dst[i, j, c] = 0.0
+    while e + 4 <= n:
+        ca, cb, cc, cd = at[t, e], at[t, e + 1], at[t, e + 2], at[t, e + 3]
+        wa, wb, wc, wd = weight[t, e], weight[t, e + 1], weight[t, e + 2], weight[t, e + 3]
+        for c in range(channels):
+            dst[i, j, c] = (dst[i, j, c] + wa * src[row, ca, c] + wb * src[row, cb, c] + wc * src[row, cc, c]
+                            + wd * src[row, cd, c])
+        e += 4
+    while e < n:
+        ca, wa = at[t, e], weight[t, e]
+        for c in range(channels):
+            dst[i, j, c] = dst[i, j, c] + wa * src[row, ca, c]
+        e += 1
 
 
 @numba.njit(inline="always", **JIT)
@@ -236,31 +259,35 @@ def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
     summed along x for every bin column (rows are shared by neighbouring bins), then the bins
     sum their rows."""
     channels = s.shape[3]
-    pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
-    rows = np.empty((s.shape[1], pooled_w, channels), np.float64)
+    pooled_h, pooled_w = yi.shape[1], xi.shape[1]
+    rows = np.empty((pooled_w, s.shape[1], channels), np.float64)  # [p, r]: row r through bin column p
+    bins = np.empty((pooled_h, pooled_w, channels), np.float64)
     used = np.zeros(s.shape[1], np.bool_)
-    acc = np.empty(channels, np.float64)
+    entries = max(xi.shape[2], yi.shape[2])
+    at = np.empty((pooled_w + 1, entries), np.int64)  # each bin column's nonzero entries, then a bin row's
+    weight = np.empty((pooled_w + 1, entries))
+    count = np.empty(pooled_w, np.int64)
     for k in boxes:
         if not finite[k]:
             out[k] = np.nan
             continue
-        b = batch[k]
+        image = s[batch[k]]
+        for p in range(pooled_w):
+            count[p] = _nonzero(xi, xv, k, p, at, weight, p)
         first, last = _rows_read(k, yi, yv, yv, yv, False, used, 0, 0, used.shape[0])
         for r in range(first, last + 1):
             if used[r]:
-                _row_sums(s, b, k, r, xi, xv, 0, channels, rows)
                 used[r] = False
+                for p in range(pooled_w):
+                    _weigh(rows, p, r, image, r, at, weight, p, count[p])
         for q in range(pooled_h):
+            n = _nonzero(yi, yv, k, q, at, weight, pooled_w)
             for p in range(pooled_w):
-                acc[:] = 0.0
-                for ey in range(entries):
-                    cy = yv[k, q, ey]
-                    if cy != 0.0:
-                        r = yi[k, q, ey]
-                        for c in range(channels):
-                            acc[c] += cy * rows[r, p, c]
-                for c in range(channels):
-                    out[k, c, q * pooled_w + p] = acc[c]
+                _weigh(bins, q, p, rows, p, at, weight, pooled_w, n)
+        for c in range(channels):
+            for q in range(pooled_h):
+                for p in range(pooled_w):
+                    out[k, c, q * pooled_w + p] = bins[q, p, c]
 
 
 @numba.njit(inline="always", **JIT)
