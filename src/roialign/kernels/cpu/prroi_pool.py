@@ -248,9 +248,9 @@ def _spread_rows(grad, k, yi, yv, shift, r0, r1, first, last, used, c0, spread):
             cy, r = yv[k, q, ey], yi[k, q, ey] - shift
             if cy != 0.0 and r0 <= r < r1:
                 for p in range(pooled_w):
-                    g, row = grad[k, q * pooled_w + p], spread[r - r0, p]
+                    i = q * pooled_w + p
                     for c in range(channels):
-                        row[c] += cy * g[c0 + c]
+                        spread[r - r0, p, c] += cy * grad[k, i, c0 + c]
 
 
 @numba.njit(**JIT)
@@ -304,13 +304,12 @@ def _scatter_band(grad, k, yi, yv, xi, xv, shift, r0, r1, c0, spread, used, targ
             continue
         used[r - r0] = False
         for p in range(pooled_w):
-            row = spread[r - r0, p]
             for ex in range(entries):
                 cx = xv[k, p, ex]
                 if cx != 0.0:
-                    pixel = target[r - r0, xi[k, p, ex]]
+                    col = xi[k, p, ex]
                     for c in range(channels):
-                        pixel[c] += cx * row[c]
+                        target[r - r0, col, c] += cx * spread[r - r0, p, c]
 
 
 @numba.njit(**JIT)
