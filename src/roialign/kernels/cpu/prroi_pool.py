@@ -372,65 +372,62 @@ def _backward_input(grad, boxes, finite, direct, spans, txi, txv, tyi, tyv, xi, 
 def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, boxes, gxs, gxe, gys, gye):
     """Boxes ``boxes``: derivatives of ``sum(grad * out)`` by every bin's four edges.
 
-    By x edges: the output gradient spread onto the rows (as for the input gradient) times the
-    rows seen through the entries' derivative coefficients. By y edges: the output gradient times
-    the rows summed along x (as in the forward), through the rows' derivative coefficients. Both
-    are accumulated per channel and summed over the channels once per bin edge, so that every
-    inner loop runs over a channel run with no reduction in it."""
+    Every derivative is a table entry's derivative coefficients times one number, the entry's
+    dot product with the output gradient: along x, ``sum over rows and channels of the output
+    gradient spread onto the row (as for the input gradient) * the entry's pixel of that row``;
+    along y, ``sum over bin columns and channels of the output gradient * the entry's row summed
+    along x (as in the forward)``. The dot products are accumulated per channel (one multiply-add
+    per entry, row and channel) and summed over the channels once per entry."""
     channels = s.shape[3]
     pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
     rows = np.empty((s.shape[1], pooled_w, channels), np.float64)
     spread = np.empty((s.shape[1], pooled_w, channels), np.float64)
     used = np.zeros(s.shape[1], np.bool_)
-    by_start, by_end = np.empty(channels), np.empty(channels)
-    xs, xe = np.empty((pooled_w, channels)), np.empty((pooled_w, channels))
-    ys, ye = np.empty((pooled_h, channels)), np.empty((pooled_h, channels))
+    along_x = np.empty((pooled_w, entries, channels))
+    along_y = np.empty(channels)
     for k in boxes:
         if not finite[k]:
             continue
         b = batch[k]
         first, last = _rows_read(k, yi, yv, yds, yde, True, used, 0, 0, used.shape[0])
         _spread_rows(grad, k, yi, yv, 0, 0, used.shape[0], first, last, used, 0, spread)
-        xs[:], xe[:] = 0.0, 0.0
+        along_x[:] = 0.0
         for r in range(first, last + 1):
             if not used[r]:
                 continue
             used[r] = False
             for p in range(pooled_w):
-                row = rows[r, p]
-                row[:], by_start[:], by_end[:] = 0.0, 0.0, 0.0
-                for ex in range(entries):
-                    cx, ds, de = xv[k, p, ex], xds[k, p, ex], xde[k, p, ex]
-                    if cx == 0.0 and ds == 0.0 and de == 0.0:
-                        continue
-                    pixel = s[b, r, xi[k, p, ex]]
-                    for c in range(channels):
-                        row[c] += cx * pixel[c]
-                        by_start[c] += ds * pixel[c]
-                        by_end[c] += de * pixel[c]
-                sp = spread[r, p]
                 for c in range(channels):
-                    xs[p, c] += sp[c] * by_start[c]
-                    xe[p, c] += sp[c] * by_end[c]
-        ys[:], ye[:] = 0.0, 0.0
+                    rows[r, p, c] = 0.0
+                for ex in range(entries):
+                    cx = xv[k, p, ex]
+                    if cx == 0.0 and xds[k, p, ex] == 0.0 and xde[k, p, ex] == 0.0:
+                        continue
+                    col = xi[k, p, ex]
+                    for c in range(channels):
+                        pixel = s[b, r, col, c]
+                        rows[r, p, c] += cx * pixel
+                        along_x[p, ex, c] += spread[r, p, c] * pixel
+        for p in range(pooled_w):
+            for ex in range(entries):
+                if xds[k, p, ex] != 0.0 or xde[k, p, ex] != 0.0:
+                    dot = along_x[p, ex].sum()
+                    gxs[k, p] += xds[k, p, ex] * dot
+                    gxe[k, p] += xde[k, p, ex] * dot
         for q in range(pooled_h):
             for ey in range(entries):
                 ds, de = yds[k, q, ey], yde[k, q, ey]
                 if ds == 0.0 and de == 0.0:
                     continue
                 r = yi[k, q, ey]
+                along_y[:] = 0.0
                 for p in range(pooled_w):
-                    g, row = grad[k, q * pooled_w + p], rows[r, p]
+                    i = q * pooled_w + p
                     for c in range(channels):
-                        term = g[c] * row[c]
-                        ys[q, c] += ds * term
-                        ye[q, c] += de * term
-        for p in range(pooled_w):
-            gxs[k, p] += xs[p].sum()
-            gxe[k, p] += xe[p].sum()
-        for q in range(pooled_h):
-            gys[k, q] += ys[q].sum()
-            gye[k, q] += ye[q].sum()
+                        along_y[c] += grad[k, i, c] * rows[r, p, c]
+                dot = along_y.sum()
+                gys[k, q] += ds * dot
+                gye[k, q] += de * dot
 
 
 # ----------------------------------------------------------------------------------------------
