@@ -482,3 +482,15 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype):
     pool as :func:`channels_last_map`'s copies: for large buffers that do not outlive a call."""
     with scratch_buffers() as buffer:
         yield buffer(shape, dtype)
+
+
+@contextlib.contextmanager
+def channel_runs(grad: np.ndarray, dtype: torch.dtype):
+    """The output gradient ``grad`` ([K, C, bins]; half bit patterns are widened) as [K, bins, C]
+    in ``dtype``, each bin's channels one contiguous run, for the duration of a ``with`` block:
+    transposed by our pool into a scratch buffer, which every backward starts with."""
+    k, c, bins = grad.shape
+    with scratch((k, bins, c), dtype) as buffer:
+        grad_t = buffer.numpy()
+        workers.run(transpose_boxes, [(grad, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
+        yield grad_t

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (BAND_BYTES, JIT, channels_last_map, empty, ranges, scratch_buffers, transpose_boxes, workers)
+from .common import BAND_BYTES, JIT, channel_runs, channels_last_map, empty, ranges, scratch_buffers, workers
 from .half_types import kernel_array
 
 
@@ -576,10 +576,8 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     bins = pooled_height * pooled_width
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_input, grad_rois = None, rois.new_zeros(rois.shape)
-    with scratch_buffers() as buffer:
-        grad_t = buffer((k, bins, c), torch.float64).numpy()  # [K, bins, C] in float64: channel runs
-        workers.run(transpose_boxes, [(kernel_array(grad.detach().contiguous().view(k, c, bins)), lo, hi, grad_t)
-                                      for lo, hi in ranges(k, 4 * workers.size())])
+    grad_np = kernel_array(grad.detach().contiguous().view(k, c, bins))
+    with channel_runs(grad_np, torch.float64) as grad_t, scratch_buffers() as buffer:
         if want_input:
             grad_input = _input_gradient(grad_t, geo, input, channels_last)
         if want_rois:

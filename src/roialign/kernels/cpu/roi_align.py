@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
-from .common import (BAND_BYTES, JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channels_last_map, empty,
-                     scratch, store_band, transpose_boxes, visible_samples, workers)
+from .common import (BAND_BYTES, JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
+                     channels_last_map, empty, store_band, visible_samples, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
@@ -346,10 +346,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     dtype = compute_dtype(grad.dtype)
     geometry, T = box_geometry(rois, dtype)
     grad_np = kernel_array(grad.detach().contiguous().view(grad.shape[0], channels, -1))
-    # the output gradient as [K, bins, C] (channel runs), in a scratch buffer: it dies with the call
-    with scratch((grad_np.shape[0], grad_np.shape[2], channels), dtype) as buffer:
-        grad_t = buffer.numpy()
-        workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
+    with channel_runs(grad_np, dtype) as grad_t:
         # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
         # and each job owns a band of rows of one image, so the result does not depend on threads.
         batch = torch.from_numpy(geometry[:, 0]).long()

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from ..reference.common import compute_dtype
-from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channels_last_map, empty,
-                     planar_from_channels_last, ranges, scratch, transpose_boxes, visible_samples, workers)
+from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channel_runs, channels_last_map, empty,
+                     planar_from_channels_last, ranges, scratch, visible_samples, workers)
 
 
 @numba.njit(inline="always", **JIT)
@@ -362,9 +362,7 @@ def _backward(feat: np.ndarray, arg: np.ndarray, grad_feat: Tensor, grad: Tensor
     _, arg, geometry, T = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                    onnx, True, dtype, arg)
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, pooled_height * pooled_width).numpy()
-    with scratch((k, pooled_height * pooled_width, c), dtype) as buffer:  # [K, bins, C]: channel runs
-        grad_t = buffer.numpy()
-        workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
+    with channel_runs(grad_np, dtype) as grad_t:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if want_input:
             block = max(16, -(-c // workers.size()))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (BAND_BYTES, JIT, band_of, box_jobs, channels_last_map, empty, scratch, store_band, transpose_boxes,
+from .common import (BAND_BYTES, JIT, band_of, box_jobs, channel_runs, channels_last_map, empty, store_band,
                      visible_samples, workers)
 
 
@@ -377,10 +377,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
                                                      sampling_ratio, aligned, clockwise, degrees, dtype, height,
                                                      width, batch_size)
     grad_np = grad.detach().to(dtype).contiguous().view(grad.shape[0], channels, -1).numpy()
-    # the output gradient as [K, bins, C] (channel runs), in a scratch buffer: it dies with the call
-    with scratch((grad_np.shape[0], grad_np.shape[2], channels), dtype) as buffer:
-        grad_t = buffer.numpy()
-        workers.run(transpose_boxes, [(grad_np, lo, hi, grad_t) for lo, hi in box_jobs(grad_np.shape[0])[1]])
+    with channel_runs(grad_np, dtype) as grad_t:
         # Boxes grouped by image, each group in its original order; each job owns a band of rows.
         batch_t = torch.from_numpy(batch)
         order = torch.argsort(batch_t, stable=True).numpy()
