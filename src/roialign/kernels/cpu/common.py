@@ -31,6 +31,11 @@ _TILE = 32  # side of the square blocks of the tiled layout copies
 # Rows of an input gradient accumulated together by one job (every operator's banded backward):
 # about one L2 cache, so that a band stays in cache while the boxes that cross it add to it.
 BAND_BYTES = 1 << 20
+# Spare elements at the end of each row of a [rows, C] scratch that is later read a column at a
+# time (one channel across bins or pixels, to transpose it). Rows of 256 channels are 1 KiB
+# apart, so such a column falls in 4 of the L1 cache's 64 sets and misses on nearly every
+# element; one more cache line per row spreads it over all of them. The pad is never read.
+ROW_PAD = 16
 
 
 @numba.njit(**JIT)
@@ -215,7 +220,8 @@ def band_of(grad_feat, b, r0, r1, planar):
     """The zeroed ``[rows, W, C]`` band in which rows ``[r0, r1)`` of image ``b`` of an input
     gradient are accumulated: ``grad_feat`` itself when it is channels-last ([N, H, W, C]) and
     float, else a float32 or float64 scratch buffer that :func:`store_band` writes into the planar
-    ([N, C, H, W]) or half one (Numba only)."""
+    ([N, C, H, W]) or half one (Numba only). A planar gradient's band has ``C + ROW_PAD``
+    elements per pixel, of which the first C are used."""
     raise NotImplementedError("band_of is compiled into Numba kernels only")
 
 
@@ -224,13 +230,13 @@ def _band_of(grad_feat, b, r0, r1, planar):
     if grad_feat.dtype in (types.uint16, types.int16):  # half bit patterns: accumulate in float32
         def half_band(grad_feat, b, r0, r1, planar):
             if planar:
-                return np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1]), dtype=np.float32)
+                return np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1] + ROW_PAD), dtype=np.float32)
             return np.zeros((r1 - r0, grad_feat.shape[2], grad_feat.shape[3]), dtype=np.float32)
         return half_band
 
     def float_band(grad_feat, b, r0, r1, planar):
         if planar:
-            band = np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1]), dtype=grad_feat.dtype)
+            band = np.zeros((r1 - r0, grad_feat.shape[3], grad_feat.shape[1] + ROW_PAD), dtype=grad_feat.dtype)
         else:
             band = grad_feat[b, r0:r1]
             band[:] = 0

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import BAND_BYTES, JIT, channel_runs, channels_last_map, empty, ranges, scratch_buffers, workers
+from .common import BAND_BYTES, JIT, ROW_PAD, channel_runs, channels_last_map, empty, ranges, scratch_buffers, workers
 from .half_types import kernel_array
 
 
@@ -218,7 +218,7 @@ def _weigh(dst, i, j, src, row, at, weight, t, n):
     Four entries per pass over the channels: the same additions, rounded alike, as one entry per
     pass, with ``dst`` loaded and stored a quarter as often. Plain indices, not row views: a
     view's reference counting costs more than a short channel run."""
-    channels, e = dst.shape[2], 0
+    channels, e = src.shape[2], 0  # dst may have spare elements (ROW_PAD)
     for c in range(channels):
         dst[i, j, c] = 0.0
     while e + 4 <= n:
@@ -261,7 +261,7 @@ def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
     channels = s.shape[3]
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
     rows = np.empty((pooled_w, s.shape[1], channels), np.float64)  # [p, r]: row r through bin column p
-    bins = np.empty((pooled_h, pooled_w, channels), np.float64)
+    bins = np.empty((pooled_h, pooled_w, channels + ROW_PAD), np.float64)  # read by columns at the end
     used = np.zeros(s.shape[1], np.bool_)
     entries = max(xi.shape[2], yi.shape[2])
     at = np.empty((pooled_w + 1, entries), np.int64)  # each bin column's nonzero entries, then a bin row's

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
-from .common import (BAND_BYTES, JIT, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
+from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
                      channels_last_map, empty, store_band, visible_samples, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
@@ -155,7 +155,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
     bins = pooled_h * pooled_w
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
-    acc = np.empty((bins, channels), dtype=T)
+    acc = np.empty((bins, channels + ROW_PAD), dtype=T)  # read by columns at the end
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
@@ -225,7 +225,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
     ([N, H, W, C]) is accumulated in place; a ``planar`` one ([N, C, H, W]) through a channels-last
     band that is then transposed into it. Each call owns its rows: no other call writes them."""
     band = band_of(grad_feat, b, r0, r1, planar)
-    width, channels = band.shape[1], band.shape[2]
+    width, channels = band.shape[1], grad_t.shape[2]
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)

@@ -230,7 +230,7 @@ def _backward_input_rows(grad_t, geo, grid, extent, order, lo, hi, rows_of_box, 
     ``order[lo:hi]`` in order (``grad_t`` is [K, PH * PW, C]; ``cap_y``, ``cap_x`` the table
     capacity of every box, computed once per call of the launcher). Each call owns its rows."""
     band = band_of(grad_feat, b, r0, r1, planar)
-    width, channels = band.shape[1], band.shape[2]
+    width, channels = band.shape[1], grad_t.shape[2]
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]
     y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(cap_y, cap_x, pooled_h, pooled_w, T)
     for j in range(lo, hi):
