@@ -35,3 +35,37 @@ def test_gigantic_adaptive_boxes_finish_quickly(backend):
     out.sum().backward()
     assert time.perf_counter() - start < 30
     assert out.isfinite().all() and x.grad.isfinite().all() and rois.grad.isfinite().all()
+
+
+def test_large_results_are_reused_only_once_nothing_shares_them():
+    """The Numba backend hands out large outputs over recycled memory: a buffer must not come back
+    while any view of it lives, must come back once none does, and must give the same values."""
+    from roialign.kernels.cpu.common import release_scratch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 32, 32, generator=gen)
+    xy = torch.rand(1024, 2, generator=gen) * 24
+    rois = torch.cat((torch.zeros(1024, 1), xy, xy + 6), 1)  # outputs of 1024 x 64 x 7 x 7 floats: 12.8 MB
+    with roialign.use_backend("numba"):
+        release_scratch()
+        first = roialign.roi_align(x, rois, 7, 1.0, 2, True)
+        expected = first.clone()
+        ptr = first.data_ptr()
+        view = first[5:9]
+        del first
+        second = roialign.roi_align(x * 2, rois, 7, 1.0, 2, True)  # the view still holds the first buffer
+        assert second.data_ptr() != ptr
+        assert torch.equal(view, expected[5:9])
+        del view
+        third = roialign.roi_align(x, rois, 7, 1.0, 2, True)  # nothing holds it now: reused
+        assert third.data_ptr() == ptr
+        assert torch.equal(third, expected) and torch.equal(second, 2 * expected)
+        xg = x.clone().requires_grad_()
+        out = roialign.roi_align(xg, rois, 7, 1.0, 2, True)
+        out.backward(torch.ones_like(out))
+        del out
+        again = x.clone().requires_grad_()
+        out = roialign.roi_align(again, rois, 7, 1.0, 2, True)
+        out.backward(torch.ones_like(out))
+        assert torch.equal(again.grad, xg.grad)
+        release_scratch()

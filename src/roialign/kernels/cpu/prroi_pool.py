@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import BAND_BYTES, JIT, ROW_PAD, channel_runs, channels_last_map, empty, ranges, scratch_buffers, workers
+from .common import (BAND_BYTES, JIT, ROW_PAD, channel_runs, channels_last_map, empty, ranges, result_tensor,
+                     scratch_buffers, workers)
 from .half_types import kernel_array
 
 
@@ -516,7 +517,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     n, c, h, w = input.shape
     k = rois.shape[0]
     geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS)
-    out = empty((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
+    out = result_tensor((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat, scratch_buffers() as buffer:
         for name, boxes, (xi, xv, _, _, yi, yv, _, _) in geo.paths():
@@ -544,10 +545,10 @@ def _input_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, channel
     n, c, h, w = input.shape
     dtype = compute_dtype(input.dtype)
     if channels_last:
-        grad_input = empty((n, h, w, c), dtype)
+        grad_input = result_tensor((n, h, w, c), dtype)
         result = grad_input.permute(0, 3, 1, 2)
     else:
-        grad_input = result = empty((n, c, h, w), dtype)
+        grad_input = result = result_tensor((n, c, h, w), dtype)
     order = np.argsort(geo.batch, kind="stable")
     starts = np.searchsorted(geo.batch[order], np.arange(n + 1))
     spans = _row_spans(geo)

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
 from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
-                     channels_last_map, empty, store_band, visible_samples, workers)
+                     channels_last_map, result_tensor, store_band, visible_samples, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
@@ -325,7 +325,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     dtype = compute_dtype(input.dtype)
     k, c = rois.shape[0], input.shape[1]
     geometry, T = box_geometry(rois, dtype)
-    out = empty((k, c, pooled_height, pooled_width), input.dtype)
+    out = result_tensor((k, c, pooled_height, pooled_width), input.dtype)
     out_np = kernel_array(out.view(k, c, pooled_height * pooled_width))
     x = input.detach()
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -355,11 +355,11 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
         rows = row_span(rois, spatial_scale, aligned, height).numpy()
         # A half gradient is accumulated in float32 bands and rounded as each band is stored.
         if channels_last:
-            grad_input = empty((batch_size, height, width, channels), grad.dtype)
+            grad_input = result_tensor((batch_size, height, width, channels), grad.dtype)
             target = kernel_array(grad_input)
             result = grad_input.permute(0, 3, 1, 2)
         else:
-            grad_input = empty((batch_size, channels, height, width), grad.dtype)
+            grad_input = result_tensor((batch_size, channels, height, width), grad.dtype)
             target, result = kernel_array(grad_input), grad_input
         band = max(1, BAND_BYTES // max(1, width * channels * torch.finfo(dtype).bits // 8))
         jobs = [(grad_t, geometry, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0, min(height, r0 + band),

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from ..reference.common import compute_dtype
-from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channel_runs, channels_last_map, empty,
-                     planar_from_channels_last, ranges, scratch, visible_samples, workers)
+from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channel_runs, channels_last_map,
+                     planar_from_channels_last, ranges, result_tensor, scratch, visible_samples, workers)
 
 
 @numba.njit(inline="always", **JIT)
@@ -317,7 +317,7 @@ def _winners(feat: np.ndarray, rois: Tensor, spatial_scale: float, pooled_height
     With ``record`` the winners go to ``arg`` ([K, bins, C] int64, every entry written)."""
     k, c = rois.shape[0], feat.shape[3]
     geometry, T = box_geometry(rois, dtype)
-    out = empty((k, c, pooled_height, pooled_width), dtype)
+    out = result_tensor((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     if not record:
         arg = np.empty((0, 0, 0), np.int64)
@@ -347,7 +347,7 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
     # channels-last gradient live only during this call: scratch buffers, not fresh pages.
     with channels_last_map(input.detach().to(dtype)) as feat, \
             scratch((k, pooled_height * pooled_width, c), torch.int64) as arg, \
-            (contextlib.nullcontext(empty((n, h, w, c), dtype)) if channels_last else
+            (contextlib.nullcontext(result_tensor((n, h, w, c), dtype)) if channels_last else
              scratch((n, h, w, c), dtype)) as grad_feat:
         return _backward(feat, arg.numpy(), grad_feat.zero_(), grad, input, rois, spatial_scale, pooled_height,
                          pooled_width, sampling_ratio, aligned, onnx, channels_last, want_input, want_rois, dtype)

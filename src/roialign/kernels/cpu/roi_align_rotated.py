@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (BAND_BYTES, JIT, band_of, box_jobs, channel_runs, channels_last_map, empty, store_band,
+from .common import (BAND_BYTES, JIT, band_of, box_jobs, channel_runs, channels_last_map, result_tensor, store_band,
                      visible_samples, workers)
 
 
@@ -360,7 +360,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     k = rois.shape[0]
     table, grid, extent, batch, _, T, _ = _prepare(rois, spatial_scale, (pooled_height, pooled_width), sampling_ratio,
                                                    aligned, clockwise, degrees, dtype, h, w, n)
-    out = empty((k, c, pooled_height, pooled_width), dtype)
+    out = result_tensor((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     _, parts = box_jobs(k)
     with channels_last_map(input.detach().to(dtype)) as feat:
@@ -384,10 +384,10 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
         bounds = torch.searchsorted(batch_t[order].contiguous(), torch.arange(batch_size + 1)).numpy()
         rows = rotated_row_span(rois.detach(), geo.cos, geo.sin, spatial_scale, aligned, height).numpy()
         if channels_last:
-            grad_input = empty((batch_size, height, width, channels), dtype)
+            grad_input = result_tensor((batch_size, height, width, channels), dtype)
             target, result = grad_input.numpy(), grad_input.permute(0, 3, 1, 2)
         else:
-            grad_input = empty((batch_size, channels, height, width), dtype)
+            grad_input = result_tensor((batch_size, channels, height, width), dtype)
             target, result = grad_input.numpy(), grad_input
         band = max(1, BAND_BYTES // max(1, width * channels * grad_input.element_size()))
         cap_y, cap_x = _table_capacity(table, grid, extent, 0, table.shape[0], pooled_height, pooled_width, T)
