@@ -70,6 +70,58 @@ def test_concurrent_calls_from_python_threads():
             assert torch.equal(a, b)
 
 
+def test_jobs_run_on_pytorchs_openmp_threads_where_it_has_them(monkeypatch):
+    """On Linux with PyTorch's GNU OpenMP, a kernel's jobs run on PyTorch's OpenMP threads (foreign
+    to Python, so they show up as dummy threads), else on our pool's; an error in a job is raised
+    by the call either way, and the jobs after it do not start."""
+    import sys
+    import time
+
+    from roialign.kernels.cpu.common import workers
+
+    expected = sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+    assert (workers._gomp is not None) == expected
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for openmp in (True, False):
+            monkeypatch.setattr(workers, "openmp", openmp)
+            names = []
+
+            def job(i):
+                time.sleep(0.01)  # releases the GIL: both threads take jobs
+                names.append(threading.current_thread().name)
+                if i == 7:
+                    raise ValueError("job 7")
+
+            workers.run(job, [(i,) for i in range(6)])
+            others = {n for n in names if n != threading.current_thread().name}
+            assert len(names) == 6 and len(others) == 1
+            assert others.pop().startswith("Dummy" if openmp and expected else "roialign")
+            names.clear()
+            with pytest.raises(ValueError, match="job 7"):
+                workers.run(job, [(i,) for i in range(7, 40)])
+            assert len(names) < 33
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_both_kinds_of_threads_give_the_same_bits(monkeypatch):
+    from roialign.kernels.cpu.common import workers
+
+    x, rois = problem(4)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for openmp in (True, False):
+            monkeypatch.setattr(workers, "openmp", openmp)
+            results.append(run(x, rois, 2))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def _kernels_only(x, rois):
     """Forward and both backward operators, without autograd or other large PyTorch ops."""
     with roialign.use_backend("numba"):
