@@ -24,7 +24,7 @@ from numba import types
 from numba.extending import overload
 from torch import Tensor
 
-from .half_types import HALF_TYPES, kernel_array, narrow, widen
+from .half_types import carry, kernel_array, narrow, widen
 
 JIT = dict(nogil=True, cache=True)
 
@@ -43,7 +43,7 @@ ROW_PAD = 16
 @numba.njit(**JIT)
 def nchw_to_nhwc(x, b, r0, r1, out, tiled):
     """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]`` (half bit patterns
-    widened to float32 on the way).
+    copied as they are into a half ``out``, widened into a float32 one).
 
     Two orders, the same bytes: ``tiled`` turns 32 x 32 blocks of (channels, columns) around in
     a small buffer, read by source rows and written by destination rows (partial blocks at the
@@ -56,7 +56,7 @@ def nchw_to_nhwc(x, b, r0, r1, out, tiled):
         for r in range(r0, r1):
             for q in range(width):
                 for c in range(channels):
-                    out[b, r, q, c] = widen(x[b, c, r, q])
+                    out[b, r, q, c] = carry(x[b, c, r, q], out)
         return
     tile = np.empty((_TILE, _TILE), out.dtype)
     for r in range(r0, r1):
@@ -65,14 +65,14 @@ def nchw_to_nhwc(x, b, r0, r1, out, tiled):
                 if q0 + _TILE <= width and c0 + _TILE <= channels:
                     for c in range(_TILE):
                         for q in range(_TILE):
-                            tile[q, c] = widen(x[b, c0 + c, r, q0 + q])
+                            tile[q, c] = carry(x[b, c0 + c, r, q0 + q], out)
                     for q in range(_TILE):
                         for c in range(_TILE):
                             out[b, r, q0 + q, c0 + c] = tile[q, c]
                 else:
                     for c in range(c0, min(channels, c0 + _TILE)):
                         for q in range(q0, min(width, q0 + _TILE)):
-                            out[b, r, q, c] = widen(x[b, c, r, q])
+                            out[b, r, q, c] = carry(x[b, c, r, q], out)
 
 
 @numba.njit(**JIT)
@@ -494,9 +494,10 @@ def result_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
     """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
 
-    A channels-last half tensor is viewed as its bit patterns (see ``half_types``); an NCHW one is
-    widened to float32 by the same copy that transposes it. The copy goes to a fresh buffer, or
-    to ``buffer(shape, dtype)`` (see :func:`channels_last_map`).
+    A half tensor is read as its bit patterns (see ``half_types``): a channels-last one in place,
+    an NCHW one copied as bit patterns too, half the bytes that widening it to float32 would
+    write. The copy goes to a fresh buffer, or to ``buffer(shape, dtype)`` (see
+    :func:`channels_last_map`).
 
     Our kernel, not PyTorch's ``copy_``, does the copy (on the threads of :class:`_Workers`): it
     is faster here.
@@ -506,8 +507,7 @@ def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
         return kernel_array(t.permute(0, 2, 3, 1))
     x = kernel_array(t.contiguous())
     n, c, h, w = t.shape
-    dtype = torch.float32 if t.dtype in HALF_TYPES else t.dtype
-    out = (empty if buffer is None else buffer)((n, h, w, c), dtype).numpy()
+    out = kernel_array((empty if buffer is None else buffer)((n, h, w, c), t.dtype))
     _layout_copy(nchw_to_nhwc, x, out, n, h, w, c, _LAYOUT_COPY["tiled"])
     return out
 

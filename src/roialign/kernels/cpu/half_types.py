@@ -110,6 +110,12 @@ def narrow(value, target):
     raise NotImplementedError("narrow is compiled into Numba kernels only")
 
 
+def carry(value, target):
+    """An element read from one array as an element of the array ``target``: the same bits when
+    both hold the same half format, else widened (Numba only)."""
+    raise NotImplementedError("carry is compiled into Numba kernels only")
+
+
 _EXPONENT_SHIFT = np.uint32(112 << 23)  # float32 exponent bias (127) minus float16's (15), in place
 _SUBNORMAL_UNIT = np.float32(2.0**-24)  # the value of float16's lowest mantissa bit below 2**-14
 
@@ -125,6 +131,15 @@ def _widen(value):
     if isinstance(value, types.Float):
         return lambda value: value
     return None
+
+
+@overload(carry)
+def _carry(value, target):
+    if not isinstance(target, types.Array):
+        return None
+    if value in (types.uint16, types.int16) and value == target.dtype:
+        return lambda value, target: value
+    return lambda value, target: widen(value)
 
 
 @overload(narrow)
