@@ -433,64 +433,6 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return t
 
 
-class _Results:
-    """Memory for large results (outputs, input gradients), recycled once the caller is done.
-
-    Each call used to return fresh pages, and faulting them in cost 20-25% of a forward: on the
-    Intel Xeon host, writing a fresh 50 MB output took 13-14 ms against 5 ms for pages already
-    mapped. A result of at least ``_POOLED`` bytes is therefore a tensor over one of our buffers,
-    whose memory comes back here when the last tensor sharing it is gone (its storage holds a
-    NumPy array, and that array's finalizer gives the buffer back); the next call of that size
-    reuses it. Until then nothing else touches it, views and autograd included. The ``_KEEP``
-    most recently given back stay idle (about the size of a feature pyramid's level each);
-    :func:`release_scratch` frees them. Such a tensor behaves like any other except that, as one
-    made by ``torch.from_numpy``, its storage cannot grow (``resize_`` to more elements raises).
-    """
-
-    _KEEP = 2
-    _POOLED = 4 * _HUGE_PAGE
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()  # a finalizer may run in any thread, inside any code
-        self._idle: list[Tensor] = []
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._lock = threading.RLock()
-
-    def give(self, buf: Tensor) -> None:
-        with self._lock:
-            self._idle = (self._idle + [buf])[-self._KEEP:]
-
-    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        if nbytes < self._POOLED:
-            return empty(shape, dtype)
-        buf = None
-        with self._lock:
-            fits = [i for i, b in enumerate(self._idle) if nbytes <= b.numel() <= 2 * nbytes]
-            if fits:
-                buf = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
-        if buf is None:
-            buf = empty((nbytes,), torch.uint8)
-        memory = buf.numpy()[:nbytes]
-        weakref.finalize(memory, self.give, buf)
-        return torch.from_numpy(memory).view(dtype).view(shape)
-
-    def release(self) -> None:
-        with self._lock:
-            self._idle = []
-
-
-_results = _Results()
-
-
-def result_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """An uninitialised tensor to return to the caller: recycled memory when large (see :class:`_Results`)."""
-    return _results.tensor(shape, dtype)
-
-
 def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
     """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
 
@@ -527,13 +469,13 @@ class _Scratch:
     _KEEP = 4
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # results are given back by finalizers: any thread, any time
         self._idle: list[Tensor] = []
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def take(self, nbytes: int) -> Tensor:
         with self._lock:
@@ -552,6 +494,41 @@ class _Scratch:
 
 
 _scratch = _Scratch()
+
+
+class _Results(_Scratch):
+    """Memory for large results (outputs, input gradients), recycled once the caller is done.
+
+    Each call used to return fresh pages, and faulting them in cost 20-25% of a forward: on the
+    Intel Xeon host, writing a fresh 50 MB output took 13-14 ms against 5 ms for pages already
+    mapped. A result of at least ``_POOLED`` bytes is therefore a tensor over one of our buffers,
+    whose memory comes back here when the last tensor sharing it is gone (its storage holds a
+    NumPy array, and that array's finalizer gives the buffer back); the next call of that size
+    reuses it. Until then nothing else touches it, views and autograd included. The ``_KEEP``
+    most recently given back stay idle (about the size of a feature pyramid's level each);
+    :func:`release_scratch` frees them. Such a tensor behaves like any other except that, as one
+    made by ``torch.from_numpy``, its storage cannot grow (``resize_`` to more elements raises).
+    """
+
+    _KEEP = 2
+    _POOLED = 4 * _HUGE_PAGE
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        if nbytes < self._POOLED:
+            return empty(shape, dtype)
+        buf = self.take(nbytes)
+        memory = buf.numpy()[:nbytes]
+        weakref.finalize(memory, self.give, buf)
+        return torch.from_numpy(memory).view(dtype).view(shape)
+
+
+_results = _Results()
+
+
+def result_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor to return to the caller: recycled memory when large (see :class:`_Results`)."""
+    return _results.tensor(shape, dtype)
 
 
 def release_scratch() -> None:
