@@ -347,7 +347,8 @@ class _Workers:
         too, so a call always finishes even when the pool is busy with other callers' jobs. An
         exception in a job stops the jobs not yet started and is raised here.
         """
-        n = min(self.size(), len(jobs))
+        size = self.size()
+        n = min(size, len(jobs))
         if n <= 1:
             for job in jobs:
                 fn(*job)
@@ -371,11 +372,11 @@ class _Workers:
             self._gomp(_GOMP_BODY(drain), None, n, 0)  # every thread of the team, the caller's too
         else:
             with self._lock:
-                if self._pool is None or self._size != self.size() - 1:
+                if self._pool is None or self._size != size - 1:
                     if self._pool is not None:
                         self._pool.shutdown(wait=False)
-                    self._pool = ThreadPoolExecutor(max_workers=self.size() - 1, thread_name_prefix="roialign")
-                    self._size = self.size() - 1
+                    self._pool = ThreadPoolExecutor(max_workers=size - 1, thread_name_prefix="roialign")
+                    self._size = size - 1
                 pool = self._pool
             helpers = [pool.submit(drain) for _ in range(n - 1)]
             drain()
@@ -454,6 +455,11 @@ def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
     return out
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a contiguous tensor of ``shape`` and ``dtype``."""
+    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+
+
 class _Scratch:
     """Buffers that live only during one call, kept between calls: channels-last copies of NCHW
     maps, max-mode winners, the output gradient transposed to channel runs, PrRoIPool's integral
@@ -514,7 +520,7 @@ class _Results(_Scratch):
     _POOLED = 4 * _HUGE_PAGE
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(shape, dtype)
         if nbytes < self._POOLED:
             return empty(shape, dtype)
         buf = self.take(nbytes)
@@ -544,7 +550,7 @@ def scratch_buffers():
     taken: list[Tensor] = []
 
     def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(shape, dtype)
         taken.append(_scratch.take(nbytes))
         return taken[-1][:nbytes].view(dtype).view(shape)
 
