@@ -181,24 +181,31 @@ def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
     torch.testing.assert_close(out.double(), torch.from_numpy(want), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, False), (3, True)])
 def test_every_forward_path_gives_the_same_bits(monkeypatch, dtype, sampling_ratio, aligned):
-    """The planar kernel (NCHW read in place), the transposing one and channels_last input are
-    chosen by problem size, never by a result: their outputs must be bitwise identical."""
+    """The planar kernel (NCHW read in place), the transposing one with taps added one or four per
+    pass, and channels_last input are chosen by problem size, never by a result: their outputs
+    must be bitwise identical (signed zeros included)."""
     x, rois = problem(7, k=60)
     x, rois = x.to(dtype), rois.to(dtype)
     x[1, 3, 4, 5] = float("inf")
+    x[:, 2] = -0.0  # a channel of negative zeros: every sum of it must come out +0.0
+    x[0, 4, :6] = -x[0, 4, :6].abs()
     outputs = []
-    for planar, layout in ((True, torch.contiguous_format), (False, torch.contiguous_format),
-                           (False, torch.channels_last)):
+    for planar, layout, grouped in ((True, torch.contiguous_format, 0), (False, torch.contiguous_format, 0),
+                                    (False, torch.contiguous_format, 1 << 60), (False, torch.channels_last, 0),
+                                    (False, torch.channels_last, 1 << 60)):
         monkeypatch.setattr(cpu_roi_align, "_planar_is_cheaper", lambda *args, planar=planar: planar)
+        monkeypatch.setattr(cpu_roi_align, "GROUPED_RUN_BYTES", grouped)
         with roialign.use_backend("numba"):
             outputs.append(roialign.roi_align(x.contiguous(memory_format=layout), rois, (5, 4), 0.25,
                                               sampling_ratio, aligned))
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    assert (outputs[0][:, 2].view(bits) == 0).all()  # +0.0, not -0.0
     for out in outputs[1:]:
         assert torch.equal(out.isnan(), outputs[0].isnan())
-        assert torch.equal(out.nan_to_num(), outputs[0].nan_to_num())
+        assert torch.equal(out.nan_to_num().view(bits), outputs[0].nan_to_num().view(bits))
 
 
 def test_warmup_compiles_everything():

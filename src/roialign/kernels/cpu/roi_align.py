@@ -149,13 +149,59 @@ def _tap_buffers(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, po
 # kernel handles the boxes ``order[lo:hi]`` and sizes its tap buffers once for all of them.
 
 
+@numba.njit(inline="always", **JIT)
+def _weigh_taps(acc, i, pixels, base, at, weight, n, zero):
+    """``acc[i, c] = zero + weight[0] * pixels[base + at[0], c] + ... + weight[n - 1] *
+    pixels[base + at[n - 1], c]``, added left to right, up to four taps per pass over the
+    channels: the same additions, rounded alike, as one tap per pass after clearing the row
+    (``zero + x`` is kept: it is ``+0.0`` where ``x`` is ``-0.0``), with the row loaded and stored
+    a quarter as often. No early ``return``: in an inlined helper that cost 5-15%."""
+    channels = pixels.shape[1]
+    if n == 0:
+        for c in range(channels):
+            acc[i, c] = zero
+        e = 0
+    elif n == 1:
+        pa, wa = base + at[0], weight[0]
+        for c in range(channels):
+            acc[i, c] = zero + wa * widen(pixels[pa, c])
+        e = 1
+    else:
+        pa, pb, wa, wb = base + at[0], base + at[1], weight[0], weight[1]
+        for c in range(channels):
+            acc[i, c] = zero + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
+        e = 2
+    while e + 4 <= n:
+        pa, pb, pc, pd = base + at[e], base + at[e + 1], base + at[e + 2], base + at[e + 3]
+        wa, wb, wc, wd = weight[e], weight[e + 1], weight[e + 2], weight[e + 3]
+        for c in range(channels):
+            acc[i, c] = (acc[i, c] + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
+                         + wc * widen(pixels[pc, c]) + wd * widen(pixels[pd, c]))
+        e += 4
+    while e + 2 <= n:
+        pa, pb, wa, wb = base + at[e], base + at[e + 1], weight[e], weight[e + 1]
+        for c in range(channels):
+            acc[i, c] = acc[i, c] + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
+        e += 2
+    if e < n:
+        pa, wa = base + at[e], weight[e]
+        for c in range(channels):
+            acc[i, c] = acc[i, c] + wa * widen(pixels[pa, c])
+
+
 @numba.njit(**JIT)
-def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out):
+def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out,
+                  grouped):
+    """``grouped``: gather each bin's taps and add them four per pass (:func:`_weigh_taps`), else
+    one tap per pass. The same bits either way; see ``GROUPED_RUN_BYTES``."""
     n_img, height, width, channels = feat.shape
+    pixels = feat.reshape(n_img * height * width, channels)
     bins = pooled_h * pooled_w
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
     acc = np.empty((bins, channels + ROW_PAD), dtype=T)  # read by columns at the end
+    at = np.empty(yi.shape[1] * xi.shape[1], dtype=np.int64)  # a bin's taps of nonzero weight
+    weight = np.empty(yi.shape[1] * xi.shape[1], dtype=T)
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
@@ -165,22 +211,33 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
             out[k, :, :] = narrow(T(np.nan) if not finite else T(0.0), out)
             continue
         count = T(count)
-        acc[:, :] = 0
+        base = b * height * width
         for ph in range(pooled_h):
             for pw in range(pooled_w):
-                a = acc[ph * pooled_w + pw]
+                i = ph * pooled_w + pw
+                if not grouped:
+                    for c in range(channels):
+                        acc[i, c] = 0
+                n = 0
                 for ty in range(yn[ph]):
                     wy = yw[ph, ty]
                     if wy == 0:
                         continue
-                    r = yi[ph, ty]
+                    row = yi[ph, ty] * width
                     for tx in range(xn[pw]):
                         w = wy * xw[pw, tx]
                         if w == 0:
                             continue
-                        pixel = feat[b, r, xi[pw, tx]]
-                        for c in range(channels):
-                            a[c] += w * widen(pixel[c])
+                        if grouped:
+                            at[n] = row + xi[pw, tx]
+                            weight[n] = w
+                            n += 1
+                        else:
+                            p = base + row + xi[pw, tx]
+                            for c in range(channels):
+                                acc[i, c] += w * widen(pixels[p, c])
+                if grouped:
+                    _weigh_taps(acc, i, pixels, base, at, weight, n, T(0.0))
         for c in range(channels):
             for i in range(bins):
                 out[k, c, i] = narrow(acc[i, c] / count, out)
@@ -313,6 +370,14 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
 # Launchers: torch tensors in, torch tensors out.
 
 
+# The forward gathers a bin's taps and adds four per pass over the channels when a pixel's channels
+# (in the accumulation type) take at least this many bytes; for shorter runs the gathering costs
+# more than it saves. Measured (2 threads, Intel Xeon, median of 9 alternations against one tap per
+# pass): 256 channels 0.84-0.92 of the time in float64, 0.94-1.0 in float32 and the half types; 64
+# channels 1.04-1.11 in float32, neutral in float64. Both give the same bits (tested).
+GROUPED_RUN_BYTES = 1024
+
+
 def _planar_is_cheaper(k: int, shape: torch.Size, pooled: int, sampling_ratio: int) -> bool:
     """Reading NCHW directly beats transposing the whole map when there is little work per pixel."""
     n, c, h, w = shape
@@ -334,9 +399,10 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         workers.run(_forward_nchw, [(kernel_array(x.contiguous()), geometry, order, lo, hi, spatial_scale, aligned,
                                      sampling_ratio, pooled_height, pooled_width, T, out_np) for lo, hi in parts])
         return out
+    grouped = c * torch.finfo(dtype).bits // 8 >= GROUPED_RUN_BYTES
     with channels_last_map(x) as feat:
         workers.run(_forward_nhwc, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio,
-                                     pooled_height, pooled_width, T, out_np) for lo, hi in parts])
+                                     pooled_height, pooled_width, T, out_np, grouped) for lo, hi in parts])
     return out
 
 
