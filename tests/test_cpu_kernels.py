@@ -208,6 +208,81 @@ def test_every_forward_path_gives_the_same_bits(monkeypatch, dtype, sampling_rat
         assert torch.equal(out.nan_to_num().view(bits), outputs[0].nan_to_num().view(bits))
 
 
+def _reference_counts_in_loops(llvm_ir: str, name: str) -> list[str]:
+    """The ``NRT_incref``/``NRT_decref`` calls inside a loop of the compiled function ``name``: the
+    natural loops of its control-flow graph (LLVM's is reducible), found from the back edges of
+    a depth-first walk."""
+    import re
+
+    def symbol(function: str) -> str:
+        match = re.match(r"define [^@]*@([^\s(]+)\(", function)
+        return match.group(1) if match else ""
+
+    body = next(f for f in re.split(r"\n(?=define )", llvm_ir)
+                if symbol(f).startswith("_ZN") and f"{name}B" in symbol(f) and "cpython" not in symbol(f))
+    blocks, label = {}, "entry"
+    for line in body.split("\n")[1:]:
+        match = re.match(r"^([\w.\-]+):", line)
+        if match:
+            label = match.group(1)
+        blocks.setdefault(label, []).append(line)
+    succ = {b: set(re.findall(r"label %([\w.\-]+)", "\n".join(lines))) for b, lines in blocks.items()}
+    pred = {b: set() for b in blocks}
+    for b, targets in succ.items():
+        for t in targets:
+            pred.setdefault(t, set()).add(b)
+    start = next(iter(blocks))
+    state, back, stack = {start: 1}, [], [(start, iter(sorted(succ[start])))]
+    while stack:
+        node, successors = stack[-1]
+        target = next(successors, None)
+        if target is None:
+            state[node] = 2
+            stack.pop()
+        elif state.get(target) == 1:
+            back.append((node, target))
+        elif target not in state:
+            state[target] = 1
+            stack.append((target, iter(sorted(succ.get(target, ())))))
+    in_loops = set()
+    for tail, head in back:
+        loop, work = {head, tail}, [tail]
+        while work:
+            node = work.pop()
+            for p in pred.get(node, ()) if node != head else ():
+                if p not in loop:
+                    loop.add(p)
+                    work.append(p)
+        in_loops |= loop
+    return [line.strip() for b in in_loops for line in blocks.get(b, []) if "@NRT_incref" in line or "@NRT_decref" in line]
+
+
+@pytest.mark.parametrize("kernel", ["roi_align", "prroi_pool"])
+def test_hot_forward_loops_take_no_reference_counts(kernel, monkeypatch):
+    """Numba takes a reference count on each array an inlined helper is given, which LLVM removes
+    only for some shapes of the helper (see ``common.weigh_taps``); left in a loop they are atomic
+    operations per bin. The channels-last forwards are compiled afresh (the cached code cannot be
+    inspected) and their loops searched."""
+    import numba
+
+    from roialign.kernels.cpu import prroi_pool as cpu_prroi
+
+    module, name = (cpu_roi_align, "_forward_nhwc") if kernel == "roi_align" else (cpu_prroi, "_forward")
+    fresh = numba.njit(nogil=True)(getattr(module, name).py_func)
+    monkeypatch.setattr(module, name, fresh)
+    monkeypatch.setattr(cpu_roi_align, "GROUPED_RUN_BYTES", 0)
+    x = torch.randn(1, 8, 9, 10).contiguous(memory_format=torch.channels_last)
+    rois = torch.tensor([[0, 1.0, 1.5, 7.0, 6.0], [0, 0.5, 0.5, 3.0, 2.0]])
+    with roialign.use_backend("numba"):
+        if kernel == "roi_align":
+            roialign.roi_align(x, rois, 3, 1.0, 2, True)
+        else:
+            roialign.prroi_pool(x, rois, 3, 1.0)
+    assert fresh.signatures
+    for signature in fresh.signatures:
+        assert _reference_counts_in_loops(fresh.inspect_llvm(signature), name) == []
+
+
 def test_warmup_compiles_everything():
     roialign.warmup()
     from roialign.kernels.cpu import roi_align_max

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..reference.common import compute_dtype
 from ..reference.roi_align import row_span
 from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
-                     channels_last_map, result_tensor, store_band, visible_samples, workers)
+                     channels_last_map, result_tensor, store_band, visible_samples, weigh_taps, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
@@ -149,50 +149,10 @@ def _tap_buffers(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, po
 # kernel handles the boxes ``order[lo:hi]`` and sizes its tap buffers once for all of them.
 
 
-@numba.njit(inline="always", **JIT)
-def _weigh_taps(acc, i, pixels, base, at, weight, n, zero):
-    """``acc[i, c] = zero + weight[0] * pixels[base + at[0], c] + ... + weight[n - 1] *
-    pixels[base + at[n - 1], c]``, added left to right, up to four taps per pass over the
-    channels: the same additions, rounded alike, as one tap per pass after clearing the row
-    (``zero + x`` is kept: it is ``+0.0`` where ``x`` is ``-0.0``), with the row loaded and stored
-    a quarter as often. No early ``return``: in an inlined helper that cost 5-15%."""
-    channels = pixels.shape[1]
-    if n == 0:
-        for c in range(channels):
-            acc[i, c] = zero
-        e = 0
-    elif n == 1:
-        pa, wa = base + at[0], weight[0]
-        for c in range(channels):
-            acc[i, c] = zero + wa * widen(pixels[pa, c])
-        e = 1
-    else:
-        pa, pb, wa, wb = base + at[0], base + at[1], weight[0], weight[1]
-        for c in range(channels):
-            acc[i, c] = zero + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
-        e = 2
-    while e + 4 <= n:
-        pa, pb, pc, pd = base + at[e], base + at[e + 1], base + at[e + 2], base + at[e + 3]
-        wa, wb, wc, wd = weight[e], weight[e + 1], weight[e + 2], weight[e + 3]
-        for c in range(channels):
-            acc[i, c] = (acc[i, c] + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
-                         + wc * widen(pixels[pc, c]) + wd * widen(pixels[pd, c]))
-        e += 4
-    while e + 2 <= n:
-        pa, pb, wa, wb = base + at[e], base + at[e + 1], weight[e], weight[e + 1]
-        for c in range(channels):
-            acc[i, c] = acc[i, c] + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
-        e += 2
-    if e < n:
-        pa, wa = base + at[e], weight[e]
-        for c in range(channels):
-            acc[i, c] = acc[i, c] + wa * widen(pixels[pa, c])
-
-
 @numba.njit(**JIT)
 def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out,
                   grouped):
-    """``grouped``: gather each bin's taps and add them four per pass (:func:`_weigh_taps`), else
+    """``grouped``: gather each bin's taps and add them four per pass (``common.weigh_taps``), else
     one tap per pass. The same bits either way; see ``GROUPED_RUN_BYTES``."""
     n_img, height, width, channels = feat.shape
     pixels = feat.reshape(n_img * height * width, channels)
@@ -237,7 +197,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                             for c in range(channels):
                                 acc[i, c] += w * widen(pixels[p, c])
                 if grouped:
-                    _weigh_taps(acc, i, pixels, base, at, weight, n, T(0.0))
+                    weigh_taps(acc, i, pixels, base, at, weight, 0, n, T(0.0))
         for c in range(channels):
             for i in range(bins):
                 out[k, c, i] = narrow(acc[i, c] / count, out)
