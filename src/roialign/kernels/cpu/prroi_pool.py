@@ -9,7 +9,9 @@ when some box needs it. Either way a table entry is one contiguous run of channe
 - integral image: one pass per (image, block of channels), each row adding its running sum to
   the row above.
 - forward: threads take runs of boxes (in row order, for cache reuse); per box, each row the
-  bins read is summed along x once for every bin column, then the bins sum their rows.
+  bins read is summed along x once for every bin column, then the bins sum their rows, four
+  entries per pass (``common.weigh_taps``). The sums are in the source's dtype: float64 through
+  the integral image; through the map, float32 unless the input is float64 (as in RoIAlign).
 - input gradient: the same two steps transposed, band by band of rows from the bottom, into
   the band's gradient (boxes that read the map) or the band's integral-image gradient, whose
   suffix sums (its adjoint) are then added, the column sums carried up to the next band. Each
@@ -30,7 +32,7 @@ from torch import Tensor
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
 from .common import (BAND_BYTES, JIT, ROW_PAD, channel_runs, channels_last_map, empty, ranges, result_tensor,
-                     scratch_buffers, workers)
+                     scratch_buffers, weigh_taps, workers)
 from .half_types import kernel_array
 
 
@@ -39,8 +41,9 @@ from .half_types import kernel_array
 
 
 @numba.njit(inline="always", **JIT)
-def _tap(start, end, i):
-    """(weight, d/d start, d/d end) of pixel ``i`` in the bin ``[start, end]``."""
+def _tap(start, end, i, derivatives):
+    """(weight, d/d start, d/d end) of pixel ``i`` in the bin ``[start, end]`` (the derivatives
+    0.0 unless ``derivatives``)."""
     u, v, width = start - i, end - i, end - start
     hu = max(0.0, 1.0 - abs(u))
     if width <= 0.0:
@@ -52,6 +55,8 @@ def _tap(start, end, i):
         covered = max(0.0, width - max(0.0, lo - u) - max(0.0, v - hi))
         weight += covered * (1.0 - abs(0.5 * (max(u, lo) + min(v, hi))))
     weight /= width
+    if not derivatives:
+        return weight, 0.0, 0.0
     return weight, (weight - hu) / width, (max(0.0, 1.0 - abs(v)) - weight) / width
 
 
@@ -80,7 +85,7 @@ def _axis(start, end, size, k, p, index, value, d_start, d_end):
     if taps < 6:
         pw, pds, pde = 0.0, 0.0, 0.0
         for e in range(6):
-            w, ds, de = _tap(start, end, f + e) if e < taps else (0.0, 0.0, 0.0)
+            w, ds, de = _tap(start, end, f + e, True) if e < taps else (0.0, 0.0, 0.0)
             index[k, p, e] = min(f + e, size)
             value[k, p, e], d_start[k, p, e], d_end[k, p, e] = pw - w, pds - ds, pde - de
             pw, pds, pde = w, ds, de
@@ -101,23 +106,28 @@ def _axis(start, end, size, k, p, index, value, d_start, d_end):
 
 
 @numba.njit(**JIT)
-def _axis_taps(start, end, size, k, p, index, value, d_start, d_end):
-    """Row ``[k, p]`` of the direct tables: the bin's pixels themselves (index, weight and its
-    derivatives), when there are at most ``index.shape[2]`` of them; returns whether there are."""
+def _axis_taps(start, end, size, k, p, index, value, d_start, d_end, derivatives):
+    """Row ``[k, p]`` of the direct tables: the bin's pixels themselves (index, weight and, if
+    ``derivatives``, its derivatives), when there are at most ``index.shape[2]`` of them; returns
+    whether there are."""
     f, taps = _pixels(start, end, size)
     fits = taps <= index.shape[2]
     for e in range(index.shape[2]):
         index[k, p, e] = min(f + e, size - 1)
         if fits and e < taps:
-            value[k, p, e], d_start[k, p, e], d_end[k, p, e] = _tap(start, end, f + e)
+            value[k, p, e], d_start[k, p, e], d_end[k, p, e] = _tap(start, end, f + e, derivatives)
         else:
             value[k, p, e], d_start[k, p, e], d_end[k, p, e] = 0.0, 0.0, 0.0
     return fits
 
 
 @numba.njit(**JIT)
-def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, finite, batch, direct, xi, xv, xds, xde, yi, yv, yds,
-                     yde, txi, txv, txds, txde, tyi, tyv, tyds, tyde):
+def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, both, finite, batch, top, direct, xi, xv, xds, xde, yi,
+                     yv, yds, yde, txi, txv, txds, txde, tyi, tyv, tyds, tyde):
+    """Boxes ``[lo, hi)``. With ``both`` (the backward), both tables of every box, derivatives
+    included; otherwise (the forward) no derivatives, and the integral-image tables only of the
+    boxes that do not fit the direct ones (the others' rows stay undefined). ``top[k]``: the first
+    pixel row box ``k`` reads."""
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
     for k in range(lo, hi):
         x1, y1 = rois[k, 1] * spatial_scale, rois[k, 2] * spatial_scale
@@ -127,14 +137,18 @@ def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, finite, batch, 
         if not finite[k]:
             x1, y1, x2, y2 = 0.0, 0.0, 0.0, 0.0
         bw, bh = max(x2 - x1, 0.0) / pooled_w, max(y2 - y1, 0.0) / pooled_h
+        top[k] = _pixels(y1, y1 + bh, height)[0]
         fits = True
         for p in range(pooled_w):
-            _axis(x1 + bw * p, x1 + bw * (p + 1), width, k, p, xi, xv, xds, xde)
-            fits &= _axis_taps(x1 + bw * p, x1 + bw * (p + 1), width, k, p, txi, txv, txds, txde)
+            fits &= _axis_taps(x1 + bw * p, x1 + bw * (p + 1), width, k, p, txi, txv, txds, txde, both)
         for q in range(pooled_h):
-            _axis(y1 + bh * q, y1 + bh * (q + 1), height, k, q, yi, yv, yds, yde)
-            fits &= _axis_taps(y1 + bh * q, y1 + bh * (q + 1), height, k, q, tyi, tyv, tyds, tyde)
+            fits &= _axis_taps(y1 + bh * q, y1 + bh * (q + 1), height, k, q, tyi, tyv, tyds, tyde, both)
         direct[k] = fits
+        if both or not fits:
+            for p in range(pooled_w):
+                _axis(x1 + bw * p, x1 + bw * (p + 1), width, k, p, xi, xv, xds, xde)
+            for q in range(pooled_h):
+                _axis(y1 + bh * q, y1 + bh * (q + 1), height, k, q, yi, yv, yds, yde)
 
 
 @numba.njit(inline="always", **JIT)
@@ -200,40 +214,15 @@ def _rows_read(k, yi, yv, yds, yde, derivatives, used, shift, r0, r1):
 
 
 @numba.njit(inline="always", **JIT)
-def _nonzero(index, value, k, p, at, weight, t):
-    """Copy the entries of ``(index, value)[k, p]`` whose value is nonzero to the front of
-    ``at[t]`` and ``weight[t]``; return how many there are."""
+def _nonzero(index, value, k, p, at, weight, first):
+    """Copy the entries of ``(index, value)[k, p]`` whose value is nonzero to ``at[first:]`` and
+    ``weight[first:]``; return how many there are."""
     n = 0
     for e in range(index.shape[2]):
         if value[k, p, e] != 0.0:
-            at[t, n], weight[t, n] = index[k, p, e], value[k, p, e]
+            at[first + n], weight[first + n] = index[k, p, e], value[k, p, e]
             n += 1
     return n
-
-
-@numba.njit(inline="always", **JIT)
-def _weigh(dst, i, j, src, row, at, weight, t, n):
-    """``dst[i, j, c] = 0.0 + weight[t, 0] * src[row, at[t, 0], c] + ... + weight[t, n - 1] *
-    src[row, at[t, n - 1], c]``, added in that order.
-
-    Four entries per pass over the channels: the same additions, rounded alike, as one entry per
-    pass, with ``dst`` loaded and stored a quarter as often. Plain indices, not row views: a
-    view's reference counting costs more than a short channel run."""
-    channels, e = src.shape[2], 0  # dst may have spare elements (ROW_PAD)
-    for c in range(channels):
-        dst[i, j, c] = 0.0
-    while e + 4 <= n:
-        ca, cb, cc, cd = at[t, e], at[t, e + 1], at[t, e + 2], at[t, e + 3]
-        wa, wb, wc, wd = weight[t, e], weight[t, e + 1], weight[t, e + 2], weight[t, e + 3]
-        for c in range(channels):
-            dst[i, j, c] = (dst[i, j, c] + wa * src[row, ca, c] + wb * src[row, cb, c] + wc * src[row, cc, c]
-                            + wd * src[row, cd, c])
-        e += 4
-    while e < n:
-        ca, wa = at[t, e], weight[t, e]
-        for c in range(channels):
-            dst[i, j, c] = dst[i, j, c] + wa * src[row, ca, c]
-        e += 1
 
 
 @numba.njit(inline="always", **JIT)
@@ -258,37 +247,40 @@ def _spread_rows(grad, k, yi, yv, shift, r0, r1, first, last, used, c0, spread):
 def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
     """Boxes ``boxes``: ``out[k, c, q * PW + p]``. Per box, each row the bins read is first
     summed along x for every bin column (rows are shared by neighbouring bins), then the bins
-    sum their rows."""
-    channels = s.shape[3]
+    sum their rows. Accumulated in the dtype of ``s``: the map's (float32 but for float64 input)
+    or the integral image's (float64)."""
+    n_img, height, width, channels = s.shape
+    pixels = s.reshape(n_img * height * width, channels)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
-    rows = np.empty((pooled_w, s.shape[1], channels), np.float64)  # [p, r]: row r through bin column p
-    bins = np.empty((pooled_h, pooled_w, channels + ROW_PAD), np.float64)  # read by columns at the end
-    used = np.zeros(s.shape[1], np.bool_)
+    rows = np.empty((pooled_w * height, channels), s.dtype)  # [p * H + r]: row r through bin column p
+    bins = np.empty((pooled_h * pooled_w, channels + ROW_PAD), s.dtype)  # read by columns at the end
+    used = np.zeros(height, np.bool_)
     entries = max(xi.shape[2], yi.shape[2])
-    at = np.empty((pooled_w + 1, entries), np.int64)  # each bin column's nonzero entries, then a bin row's
-    weight = np.empty((pooled_w + 1, entries))
+    # Each bin column's nonzero entries, then a bin row's, ``entries`` apart.
+    at = np.empty((pooled_w + 1) * entries, np.int64)
+    weight = np.empty((pooled_w + 1) * entries, s.dtype)
     count = np.empty(pooled_w, np.int64)
+    zero = np.zeros(1, s.dtype)[0]
     for k in boxes:
         if not finite[k]:
             out[k] = np.nan
             continue
-        image = s[batch[k]]
+        base = batch[k] * height * width
         for p in range(pooled_w):
-            count[p] = _nonzero(xi, xv, k, p, at, weight, p)
-        first, last = _rows_read(k, yi, yv, yv, yv, False, used, 0, 0, used.shape[0])
+            count[p] = _nonzero(xi, xv, k, p, at, weight, p * entries)
+        first, last = _rows_read(k, yi, yv, yv, yv, False, used, 0, 0, height)
         for r in range(first, last + 1):
             if used[r]:
                 used[r] = False
                 for p in range(pooled_w):
-                    _weigh(rows, p, r, image, r, at, weight, p, count[p])
+                    weigh_taps(rows, p * height + r, pixels, base + r * width, at, weight, p * entries, count[p], zero)
         for q in range(pooled_h):
-            n = _nonzero(yi, yv, k, q, at, weight, pooled_w)
+            n = _nonzero(yi, yv, k, q, at, weight, pooled_w * entries)
             for p in range(pooled_w):
-                _weigh(bins, q, p, rows, p, at, weight, pooled_w, n)
+                weigh_taps(bins, q * pooled_w + p, rows, p * height, at, weight, pooled_w * entries, n, zero)
         for c in range(channels):
-            for q in range(pooled_h):
-                for p in range(pooled_w):
-                    out[k, c, q * pooled_w + p] = bins[q, p, c]
+            for i in range(pooled_h * pooled_w):
+                out[k, c, i] = bins[i, c]
 
 
 @numba.njit(inline="always", **JIT)
@@ -462,10 +454,10 @@ def _integral_image(feat: np.ndarray, buffer=empty) -> np.ndarray:
     return s
 
 
-def _row_order(batch: np.ndarray, yi: np.ndarray) -> np.ndarray:
+def _row_order(batch: np.ndarray, top: np.ndarray) -> np.ndarray:
     """Boxes by image, then by the first row they read: consecutive boxes of a thread read
     nearby rows, which are then still in cache."""
-    return np.lexsort((yi[:, 0, 0], batch))
+    return np.lexsort((top, batch))
 
 
 class _Geometry:
@@ -479,6 +471,7 @@ class _Geometry:
         k, entries = rois.shape[0], shared.ENTRIES
         r = rois.detach().double().contiguous().numpy()
         self.finite, self.batch, self.direct = np.empty(k, np.bool_), np.empty(k, np.int64), np.empty(k, np.bool_)
+        top = np.empty(k, np.int64)
 
         def tables(pooled: int, width_: int) -> list[np.ndarray]:
             return [np.empty((k, pooled, width_), np.int64)] + [np.empty((k, pooled, width_)) for _ in range(3)]
@@ -486,12 +479,12 @@ class _Geometry:
         self.integral = tables(pooled_width, entries) + tables(pooled_height, entries)
         self.taps = tables(pooled_width, taps) + tables(pooled_height, taps)
         jobs = ranges(k, 2 * workers.size())
-        workers.run(_geometry_kernel, [(r, spatial_scale, height, width, lo, hi, self.finite, self.batch, self.direct,
-                                        *self.integral, *self.taps) for lo, hi in jobs])
+        workers.run(_geometry_kernel, [(r, spatial_scale, height, width, lo, hi, weights is not None, self.finite,
+                                        self.batch, top, self.direct, *self.integral, *self.taps) for lo, hi in jobs])
         if weights is not None and k:
             self._choose(height, width, weights, jobs)
         self.finite_t = torch.from_numpy(self.finite)
-        self.order = _row_order(self.batch, self.integral[4])
+        self.order = _row_order(self.batch, top)
 
     def _choose(self, height: int, width: int, weights: tuple[float, float], jobs) -> None:
         cost = np.empty((self.direct.size, 2))
