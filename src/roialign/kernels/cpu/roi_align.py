@@ -335,7 +335,8 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
 # more than it saves. Measured (2 threads, Intel Xeon, median of 9 alternations against one tap per
 # pass, whole forward): 256 channels 0.84-0.97 of the time in float64, 0.94-1.02 in float32 and
 # bfloat16; 64 channels 1.04-1.11 in float32 and bfloat16, 0.99 in float64. Both give the same
-# bits (tested).
+# bits (tested). Measured again once the helper no longer took reference counts per bin (see
+# ``common.weigh_taps``): 64 channels grouped 0.96-1.02 of one tap per pass, still no gain.
 GROUPED_RUN_BYTES = 1024
 
 
