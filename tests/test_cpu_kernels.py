@@ -290,6 +290,13 @@ def test_warmup_compiles_everything():
     # float32 and float64 of each max-mode kernel are compiled (or loaded from the cache) by now
     for kernel in (roi_align_max._forward, roi_align_max._backward_input, roi_align_max._backward_rois):
         assert len(kernel.signatures) >= 2, (kernel, kernel.signatures)
+    # and the transposes of channels_last output gradients: half bit patterns and float32 read
+    # through a permuted (non-contiguous) view
+    from roialign.kernels.cpu import common
+
+    layouts = {(args[0].dtype.name, args[0].layout, args[3].dtype.name) for args in common.transpose_boxes.signatures}
+    for source, target in (("float32", "float64"), ("int16", "float32"), ("uint16", "float64")):
+        assert (source, "A", target) in layouts, layouts
 
 
 @pytest.mark.parametrize("tiled", [True, False])

@@ -101,3 +101,39 @@ def test_backward_is_bitwise_deterministic(backend):
         grads.append((xv.grad, rv.grad))
     for gx, gr in grads[1:]:
         assert torch.equal(gx, grads[0][0]) and torch.equal(gr, grads[0][1])
+
+
+def _pooling_ops():
+    yield "avg", lambda x, r: roialign.roi_align(x, r, (3, 4), 0.7, 2, True)
+    yield "max", lambda x, r: roialign.roi_align(x, r, (3, 4), 0.7, 2, True, mode="max")
+    yield "onnx_max", lambda x, r: roialign.roi_align(x, r, (3, 4), 0.7, 0, True, mode="onnx_max")
+    yield "prroi", lambda x, r: roialign.prroi_pool(x, r, (3, 4), 0.7)
+    yield "rotated", lambda x, r: roialign.roi_align_rotated(
+        x, torch.cat((r[:, :1], (r[:, 1:3] + r[:, 3:5]) / 2, r[:, 3:5] - r[:, 1:3], r[:, 1:2] * 10), dim=1),
+        (3, 4), 0.7, 2, aligned=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("op", [name for name, _ in _pooling_ops()])
+def test_gradient_of_any_layout_gives_the_same_bits(op, dtype):
+    """A channels_last output gradient (read in place by the CPU kernels, which transpose any
+    other) and a strided one give the same input and box gradients as an NCHW one, for every
+    operator."""
+    fn = dict(_pooling_ops())[op]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 9, 11, generator=gen).to(dtype)
+    rois = torch.tensor([[0, 1.0, 1.0, 15.0, 12.0], [1, -4.0, 2.0, 6.0, 30.0], [0, 3.0, 3.0, 3.5, 9.0],
+                         [1, 0.5, 0.5, 8.0, 8.0]], dtype=dtype)
+    grad = torch.randn(4, 6, 3, 4, generator=gen).to(dtype)
+    wide = torch.zeros(4, 6, 3, 8, dtype=dtype)
+    wide[..., ::2] = grad
+    results = []
+    for g in (grad, grad.contiguous(memory_format=torch.channels_last), wide[..., ::2]):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xv = x.contiguous(memory_format=layout).detach().requires_grad_()
+            rv = rois.clone().requires_grad_()
+            with roialign.use_backend("numba"):
+                fn(xv, rv).backward(g)
+            results.append((xv.grad, rv.grad))
+    for gx, gr in results[1:]:
+        assert torch.equal(gx, results[0][0]) and torch.equal(gr, results[0][1])

@@ -49,4 +49,5 @@ def warmup() -> None:
     cpu_roi_align_rotated.warmup()
     cpu_roi_align_max.warmup()
     cpu_prroi_pool.warmup()
+    cpu_common.warm_channel_runs()
     cpu_common.tune_layout_copies()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ..kernels.reference.common import is_channels_last  # noqa: F401 (the operators' rule for layouts)
 
 
 def check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int, fields: str) -> None:
@@ -27,11 +28,6 @@ def check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width:
         raise ValueError(f"input and rois must be on the same device; got input on {input.device} and rois on {rois.device}")
     if pooled_height <= 0 or pooled_width <= 0:
         raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
-
-
-def is_channels_last(input: Tensor) -> bool:
-    """True for a channels_last input (NHWC in memory) that is not also NCHW-contiguous."""
-    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
 
 
 def gradient_like(input: Tensor, rois: Tensor, channels_last: bool, zeros: bool = True) -> tuple[Tensor, Tensor]:

@@ -620,12 +620,32 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype):
 
 
 @contextlib.contextmanager
-def channel_runs(grad: np.ndarray, dtype: torch.dtype):
-    """The output gradient ``grad`` ([K, C, bins]; half bit patterns are widened) as [K, bins, C]
-    in ``dtype``, each bin's channels one contiguous run, for the duration of a ``with`` block:
-    transposed by our pool into a scratch buffer, which every backward starts with."""
-    k, c, bins = grad.shape
-    with scratch((k, bins, c), dtype) as buffer:
+def channel_runs(grad: Tensor, dtype: torch.dtype):
+    """The output gradient ``grad`` ([K, C, PH, PW], any strides) as a [K, PH * PW, C] array in
+    ``dtype``, each bin's channels one contiguous run, for the duration of a ``with`` block, which
+    every backward starts with. A channels-last gradient of that dtype is used in place; any other
+    is transposed (half bit patterns widened) by our pool into a scratch buffer."""
+    grad = grad.detach()
+    k, c = grad.shape[0], grad.shape[1]
+    if grad.is_contiguous(memory_format=torch.channels_last):
+        runs = grad.permute(0, 2, 3, 1).reshape(k, -1, c)  # a view: the permuted tensor is contiguous
+        if runs.dtype == dtype:
+            yield runs.numpy()
+            return
+        source = kernel_array(runs).transpose(0, 2, 1)
+    else:
+        source = kernel_array(grad.contiguous().view(k, c, -1))
+    with scratch((k, source.shape[2], c), dtype) as buffer:
         grad_t = buffer.numpy()
-        workers.run(transpose_boxes, [(grad, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
+        workers.run(transpose_boxes, [(source, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
         yield grad_t
+
+
+def warm_channel_runs() -> None:
+    """Compile the transposes that :func:`channel_runs` uses for a channels-last gradient of
+    another dtype than the kernel's (the kernels' own warm-ups compile the NCHW ones)."""
+    for source, target in ((torch.float32, torch.float64), (torch.float16, torch.float32),
+                           (torch.float16, torch.float64), (torch.bfloat16, torch.float32),
+                           (torch.bfloat16, torch.float64)):
+        with channel_runs(torch.zeros(2, 3, 2, 2, dtype=source).contiguous(memory_format=torch.channels_last), target):
+            pass

@@ -33,7 +33,6 @@ from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
 from .common import (BAND_BYTES, JIT, ROW_PAD, channel_runs, channels_last_map, empty, ranges, result_tensor,
                      scratch_buffers, weigh_taps, workers)
-from .half_types import kernel_array
 
 
 # The geometry of ``kernels/reference/prroi_pool.py`` (see there), per box: the same formulas,
@@ -563,15 +562,12 @@ def _input_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, channel
 def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
              channels_last: bool, want_input: bool = True, want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
-    n, c, h, w = input.shape
-    k = rois.shape[0]
+    h, w = input.shape[2:]
     weights = (want_input + 2.0 * want_rois, want_input * _SUFFIX_UNITS + want_rois * _INTEGRAL_IMAGE_UNITS)
     geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS_BACKWARD, weights)
-    bins = pooled_height * pooled_width
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_input, grad_rois = None, rois.new_zeros(rois.shape)
-    grad_np = kernel_array(grad.detach().contiguous().view(k, c, bins))
-    with channel_runs(grad_np, torch.float64) as grad_t, scratch_buffers() as buffer:
+    with channel_runs(grad, torch.float64) as grad_t, scratch_buffers() as buffer:
         if want_input:
             grad_input = _input_gradient(grad_t, geo, input, channels_last)
         if want_rois:

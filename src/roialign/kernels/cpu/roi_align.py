@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..reference.common import compute_dtype
+from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
 from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
                      channels_last_map, result_tensor, store_band, visible_samples, weigh_taps, workers)
@@ -355,7 +355,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     out = result_tensor((k, c, pooled_height, pooled_width), input.dtype)
     out_np = kernel_array(out.view(k, c, pooled_height * pooled_width))
     x = input.detach()
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = is_channels_last(x)
     order, parts = box_jobs(k)
     if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
         workers.run(_forward_nchw, [(kernel_array(x.contiguous()), geometry, order, lo, hi, spatial_scale, aligned,
@@ -373,8 +373,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
                    channels_last: bool) -> Tensor:
     dtype = compute_dtype(grad.dtype)
     geometry, T = box_geometry(rois, dtype)
-    grad_np = kernel_array(grad.detach().contiguous().view(grad.shape[0], channels, -1))
-    with channel_runs(grad_np, dtype) as grad_t:
+    with channel_runs(grad, dtype) as grad_t:
         # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
         # and each job owns a band of rows of one image, so the result does not depend on threads.
         batch = torch.from_numpy(geometry[:, 0]).long()

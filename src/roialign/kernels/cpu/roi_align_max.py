@@ -361,8 +361,7 @@ def _backward(feat: np.ndarray, arg: np.ndarray, grad_feat: Tensor, grad: Tensor
     k = rois.shape[0]
     _, arg, geometry, T = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                    onnx, True, dtype, arg)
-    grad_np = grad.detach().to(dtype).contiguous().view(k, c, pooled_height * pooled_width).numpy()
-    with channel_runs(grad_np, dtype) as grad_t:
+    with channel_runs(grad, dtype) as grad_t:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if want_input:
             block = max(16, -(-c // workers.size()))

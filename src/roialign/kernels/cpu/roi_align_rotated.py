@@ -376,8 +376,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
     table, grid, extent, batch, _, T, geo = _prepare(rois, spatial_scale, (pooled_height, pooled_width),
                                                      sampling_ratio, aligned, clockwise, degrees, dtype, height,
                                                      width, batch_size)
-    grad_np = grad.detach().to(dtype).contiguous().view(grad.shape[0], channels, -1).numpy()
-    with channel_runs(grad_np, dtype) as grad_t:
+    with channel_runs(grad, dtype) as grad_t:
         # Boxes grouped by image, each group in its original order; each job owns a band of rows.
         batch_t = torch.from_numpy(batch)
         order = torch.argsort(batch_t, stable=True).numpy()

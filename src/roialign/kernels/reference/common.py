@@ -8,6 +8,12 @@ import torch
 from torch import Tensor
 
 
+def is_channels_last(input: Tensor) -> bool:
+    """True for a channels_last input (NHWC in memory) that is not also NCHW-contiguous: the
+    operators that preserve the layout return channels_last results for it."""
+    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
