@@ -51,9 +51,11 @@ def test_every_layout_gives_the_same_result(backend, seed):
         xv = xv.detach().requires_grad_()
         out = roialign.roi_align(xv, rois, (3, 4), 0.7, case.sampling_ratio, case.aligned)
         out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape))
-        assert out.is_contiguous()
-        if name == "channels_last":
+        if name == "channels_last":  # the output and the input gradient keep the input's layout
+            assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
             assert xv.grad.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert out.is_contiguous()
         results[name] = (out, xv.grad)
     for name, (out, grad) in results.items():
         torch.testing.assert_close(out, results["contiguous"][0], atol=1e-5, rtol=1e-6, msg=name)
@@ -137,3 +139,25 @@ def test_gradient_of_any_layout_gives_the_same_bits(op, dtype):
             results.append((xv.grad, rv.grad))
     for gx, gr in results[1:]:
         assert torch.equal(gx, results[0][0]) and torch.equal(gr, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_row_ordered_forward_equals_box_by_box(seed, dtype):
+    """The channels_last forward pools bin rows in the order of the pixel rows they read; with
+    its tap tables over budget it goes box by box. The same bits, NaN boxes and missing images
+    included."""
+    from roialign.kernels.cpu import roi_align as cpu
+
+    case = random_case(seed)
+    x = case.x.to(dtype).contiguous(memory_format=torch.channels_last)
+    rois = case.rois.clone()
+    rois[::5, 1] = float("nan")
+    rois[1::7, 0] = x.shape[0] + 3  # an image that does not exist pools to 0
+    with roialign.use_backend("numba"):
+        rows = cpu.forward(x, rois, *case.args())
+        with cpu._box_by_box():
+            boxes = cpu.forward(x, rois, *case.args())
+    assert rows.is_contiguous(memory_format=torch.channels_last) and boxes.stride() == rows.stride()
+    assert torch.equal(rows.nan_to_num(1234.5), boxes.nan_to_num(1234.5))
+    assert rows[::5].isnan().all() or x.shape[1] == 0

@@ -69,7 +69,7 @@ def multiscale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, s
         if index.numel() == 0:
             continue
         pooled = _forward(kernel, feature, _compute_rois(rois, feature.dtype)[index], scale, pooled_height,
-                          pooled_width, sampling_ratio, aligned)
+                          pooled_width, sampling_ratio, aligned, memory_format=torch.contiguous_format)
         result[index] = pooled.to(result.dtype)
     return result
 

@@ -25,24 +25,38 @@ def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width
 @torch.library.custom_op("roialign::roi_align", mutates_args=())
 def roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
               sampling_ratio: int, aligned: bool) -> Tensor:
-    """RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``."""
+    """RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``,
+    channels_last when the input is (:func:`output_format`)."""
     _check_tensors(input, rois, pooled_height, pooled_width)
     check_batch_index(rois, input.shape[0])
     return _forward(_backend.select(input.device, "roi_align"), input, rois, spatial_scale, pooled_height, pooled_width,
                     sampling_ratio, aligned)
 
 
-def _forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+def output_format(input: Tensor) -> torch.memory_format:
+    """The output's layout: channels_last for a channels_last input, as PyTorch's own pooling
+    operators and Intel Extension for PyTorch's RoIAlign do (the CPU kernel then writes each bin's
+    channels as one run, in the order that keeps the map in cache), else NCHW-contiguous."""
+    return torch.channels_last if is_channels_last(input) else torch.contiguous_format
+
+
+def _forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+             memory_format=None):
+    """The forward in ``memory_format`` (default: :func:`output_format`)."""
     k, c = rois.shape[0], input.shape[1]
+    memory_format = output_format(input) if memory_format is None else memory_format
     if k == 0 or input.numel() == 0:
-        return input.new_zeros((k, c, pooled_height, pooled_width))
-    return kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+        return input.new_zeros((k, c, pooled_height, pooled_width)).contiguous(memory_format=memory_format)
+    out = kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                         channels_last_out=memory_format == torch.channels_last)
+    return out.contiguous(memory_format=memory_format)  # a no-op where the kernel wrote that layout
 
 
 @roi_align.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     _check_tensors(input, rois, pooled_height, pooled_width)
-    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+    return torch.empty((rois.shape[0], input.shape[1], pooled_height, pooled_width), dtype=input.dtype,
+                       device=input.device, memory_format=output_format(input))
 
 
 @torch.library.custom_op("roialign::roi_align_backward", mutates_args=())

@@ -191,7 +191,8 @@ def _gather(planes: Tensor, chunk: Chunk, width: int) -> tuple[Tensor, Tensor]:
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-            sampling_ratio: int, aligned: bool) -> Tensor:
+            sampling_ratio: int, aligned: bool, channels_last_out: bool | None = None) -> Tensor:
+    """(``channels_last_out``, the layout the operator will return, is a hint this kernel does not need.)"""
     n, c, h, w = input.shape
     dtype = compute_dtype(input.dtype)
     out = input.new_zeros((rois.shape[0], c, pooled_height, pooled_width), dtype=dtype)

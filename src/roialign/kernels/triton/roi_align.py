@@ -300,7 +300,8 @@ def _scaled_boxes(rois: Tensor, spatial_scale: float, aligned: bool, dtype: torc
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-            sampling_ratio: int, aligned: bool) -> Tensor:
+            sampling_ratio: int, aligned: bool, channels_last_out: bool | None = None) -> Tensor:
+    """(``channels_last_out``, the layout the operator will return, is a hint this kernel does not need.)"""
     input = channels_last_on_gpu(input)
     n, c, h, w = input.shape
     k = rois.shape[0]
