@@ -4,12 +4,13 @@ Layout: the kernels read features channels-last (``[N, H, W, C]``), so that ever
 is one contiguous run of channels that the compiler vectorises. An NCHW input is transposed
 once per call (by the thread pool of ``common``); for a handful of boxes on a large map a
 planar kernel that reads NCHW directly is used instead, since the transpose would cost more
-than the work.
+than the work. A channels_last input gets a channels_last output, pooled bin row by bin row in
+the order of the pixel rows they read (``_forward_rows``); an NCHW one is pooled box by box.
 
-Threads (``common.workers``): each job owns
-its part of the output (boxes for the forward and the box gradient, an image and a block of
-channels for the input gradient), and each part is computed in a fixed order: results are
-bitwise identical from run to run and for any number of threads, without atomics or locks.
+Threads (``common.workers``): each job owns its part of the output (boxes, or bin rows, for
+the forward, boxes for the box gradient, an image and a band of rows for the input gradient),
+and each part is computed in a fixed order: results are bitwise identical from run to run and
+for any number of threads, without atomics or locks.
 
 Nothing is compiled at import; ``cache=True`` keeps the machine code on disk for the next
 process. Geometry is computed in the rois' dtype (float32, or float64 for float64 inputs), in
