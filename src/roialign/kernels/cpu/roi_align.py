@@ -459,11 +459,14 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         return out
     grouped = c * torch.finfo(dtype).bits // 8 >= GROUPED_RUN_BYTES
     n, _, h, w = x.shape
-    cap_y, cap_x = _capacity(geometry, order, 0, k, spatial_scale, aligned, sampling_ratio, pooled_height,
-                             pooled_width, h, w, T)
-    table_bytes = k * (pooled_height * cap_y + pooled_width * cap_x) * (8 + np.dtype(T).itemsize)
+    by_rows = channels_last and channels_last_out
+    if by_rows:  # the tables' size (an NCHW input's box-by-box jobs size their own buffers)
+        cap_y, cap_x = _capacity(geometry, order, 0, k, spatial_scale, aligned, sampling_ratio, pooled_height,
+                                 pooled_width, h, w, T)
+        table_bytes = k * (pooled_height * cap_y + pooled_width * cap_x) * (8 + np.dtype(T).itemsize)
+        by_rows = table_bytes <= ROW_ORDER_TABLE_BYTES
     with channels_last_map(x) as feat:
-        if not (channels_last and channels_last_out) or table_bytes > ROW_ORDER_TABLE_BYTES:
+        if not by_rows:
             workers.run(_forward_nhwc, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio,
                                          pooled_height, pooled_width, T, out_np, grouped, not channels_last_out)
                                         for lo, hi in parts])
