@@ -52,8 +52,9 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
             does not export (ONNX has no such function).
 
     Returns:
-        ``[K, C, PH, PW]``, NCHW-contiguous, of the input's dtype. A box with a NaN or infinite
-        coordinate gives NaN in all its outputs; samples outside the image contribute zero.
+        ``[K, C, PH, PW]`` of the input's dtype: channels_last for a channels_last input in
+        ``mode="avg"``, else NCHW-contiguous. A box with a NaN or infinite coordinate gives NaN
+        in all its outputs; samples outside the image contribute zero.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type, shape, value or device.
