@@ -533,3 +533,34 @@ def test_prroi_pool_backward_chooses_each_image_path_by_counted_cost():
     assert list(geo.direct[203:]) == [False, True, False]  # image 2: forced; each box by its cost
     # the forward sends every box that fits through the map
     assert list(cpu_prroi._Geometry(rois, 1.0, 2, 2, 64, 64, 12).direct[[0, 2, 203, 204]]) == [True, True, False, True]
+
+
+def test_kernels_ask_for_the_widest_vectors():
+    """``common.wide_vectors`` marks the calling kernel so that LLVM vectorises it with 512-bit
+    vectors where the CPU has AVX-512 (it prefers 256-bit ones there by default). The mark must
+    reach the compiled function, and on an AVX-512 host the machine code must use zmm registers.
+    The same kernel without the mark is the control."""
+    import llvmlite.binding as llvm
+    import numba
+
+    from roialign.kernels.cpu.common import wide_vectors
+
+    def add(acc, pixels, w):
+        for c in range(acc.shape[0]):
+            acc[c] = acc[c] + w * pixels[c]
+
+    def marked(acc, pixels, w):
+        wide_vectors()
+        for c in range(acc.shape[0]):
+            acc[c] = acc[c] + w * pixels[c]
+
+    plain, wide = numba.njit(add), numba.njit(marked)
+    acc, pixels = np.zeros(256, np.float32), np.arange(256, dtype=np.float32)
+    for fn in (plain, wide):
+        fn(acc, pixels, np.float32(0.5))
+    assert np.array_equal(acc, pixels)  # 0.5 * pixels, twice
+    attribute = '"prefer-vector-width"="512"'
+    assert attribute in wide.inspect_llvm(wide.signatures[0])
+    assert attribute not in plain.inspect_llvm(plain.signatures[0])
+    if llvm.get_host_cpu_features().get("avx512f", False):
+        assert "zmm" in wide.inspect_asm(wide.signatures[0])

@@ -21,12 +21,29 @@ import numba
 import numpy as np
 import torch
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from .half_types import carry, even_channel, kernel_array, narrow, odd_channel, pack_pair, widen
 
 JIT = dict(nogil=True, cache=True)
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorise the calling kernel's loops with the widest vectors the CPU has:
+    512-bit on AVX-512 CPUs, for which LLVM prefers 256-bit ones by default. Call it first in a
+    kernel. Only the instructions change, not the arithmetic (no contraction, no reassociation),
+    so the results are the same bits; CPUs without AVX-512 compile as before."""
+    def codegen(context, builder, signature, args):
+        # llvmlite names no string attributes; LLVM reads this one from the function definition.
+        # Where that cannot be done the kernel compiles as before (tests/test_cpu_kernels.py checks it).
+        try:
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        except Exception:  # noqa: BLE001 - a preference, never a requirement
+            pass
+        return context.get_dummy_value()
+    return types.none(), codegen
 
 
 _TILE = 32  # side of the square blocks of the tiled layout copies

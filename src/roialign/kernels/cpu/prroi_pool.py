@@ -32,7 +32,7 @@ from torch import Tensor
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
 from .common import (BAND_BYTES, JIT, ROW_PAD, channel_runs, channels_last_map, empty, ranges, result_tensor,
-                     scratch_buffers, weigh_taps, workers)
+                     scratch_buffers, weigh_taps, wide_vectors, workers)
 
 
 # The geometry of ``kernels/reference/prroi_pool.py`` (see there), per box: the same formulas,
@@ -183,6 +183,7 @@ def _path_costs(txi, txv, tyi, tyv, xi, xv, yi, yv, height, lo, hi, cost):
 def _integral(feat, b, c0, c1, s):
     """``s[b, r, k, c] = feat[b, :r, :k, c].sum()`` for channels ``[c0, c1)``, in one pass: each
     row adds its running sum to the row above (which is still in cache)."""
+    wide_vectors()
     height, width = feat.shape[1], feat.shape[2]
     acc = np.empty(c1 - c0, np.float64)
     s[b, 0, :, c0:c1] = 0.0
@@ -248,6 +249,7 @@ def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
     summed along x for every bin column (rows are shared by neighbouring bins), then the bins
     sum their rows. Accumulated in the dtype of ``s``: the map's (float32 but for float64 input)
     or the integral image's (float64)."""
+    wide_vectors()
     n_img, height, width, channels = s.shape
     pixels = s.reshape(n_img * height * width, channels)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
@@ -314,6 +316,7 @@ def _backward_input(grad, boxes, finite, direct, spans, txi, txv, tyi, tyv, xi, 
     (``g``), the others add theirs to the integral image's gradient (``d``), whose suffix sums
     (its adjoint) are then added, carried upwards from band to band in ``carry``. Both are float64
     and stay in cache; each element has one writer and a fixed order of accumulation."""
+    wide_vectors()
     height, width = (grad_input.shape[2], grad_input.shape[3]) if planar else (grad_input.shape[1],
                                                                                  grad_input.shape[2])
     channels = c1 - c0
@@ -370,6 +373,7 @@ def _backward_rois(grad, s, batch, finite, xi, xv, xds, xde, yi, yv, yds, yde, b
     along y, ``sum over bin columns and channels of the output gradient * the entry's row summed
     along x (as in the forward)``. The dot products are accumulated per channel (one multiply-add
     per entry, row and channel) and summed over the channels once per entry."""
+    wide_vectors()
     channels = s.shape[3]
     pooled_h, pooled_w, entries = yi.shape[1], xi.shape[1], xi.shape[2]
     rows = np.empty((s.shape[1], pooled_w, channels), np.float64)

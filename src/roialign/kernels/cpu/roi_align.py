@@ -34,7 +34,7 @@ from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
 from .common import (BAND_BYTES, JIT, ROW_PAD, add_pixel, axis_aligned_box, band_of, box_geometry, box_jobs,
                      channel_runs, channels_last_map, clear_bin, paired, ranges, result_tensor, store_band,
-                     store_run, visible_samples, weigh_bin, workers)
+                     store_run, visible_samples, weigh_bin, wide_vectors, workers)
 from .half_types import HALF_TYPES, bfloat16_pairs, kernel_array, narrow, widen
 
 
@@ -161,6 +161,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
     """``grouped``: gather each bin's taps and add them four per pass (``common.weigh_taps``), else
     one tap per pass. The same bits either way; see ``GROUPED_RUN_BYTES``. ``out`` is [K, C, PH * PW]
     when ``planar_out``, else channels-last, [K, PH * PW, C]."""
+    wide_vectors()
     n_img, height, width, channels = feat.shape
     pixels = feat.reshape(n_img * height * width, channels)
     bins = pooled_h * pooled_w
@@ -246,6 +247,7 @@ def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, 
     ([K, PH * PW, C]), in that order: sorted by where they read, so that the boxes crossing a band
     of pixel rows are pooled while the band is in cache. Each bin is summed exactly as
     :func:`_forward_nhwc` sums it."""
+    wide_vectors()
     n_img, height, width, channels = feat.shape
     pixels = feat.reshape(n_img * height * width, channels)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
@@ -285,6 +287,7 @@ def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, 
 
 @numba.njit(**JIT)
 def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out):
+    wide_vectors()
     n_img, channels, height, width = feat.shape
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
@@ -321,6 +324,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
     order (``grad_t`` is the output gradient as [K, PH * PW, C]). A channels-last ``grad_feat``
     ([N, H, W, C]) is accumulated in place; a ``planar`` one ([N, C, H, W]) through a channels-last
     band that is then transposed into it. Each call owns its rows: no other call writes them."""
+    wide_vectors()
     band = band_of(grad_feat, b, r0, r1, planar)
     width, channels = band.shape[1], grad_t.shape[2]
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]

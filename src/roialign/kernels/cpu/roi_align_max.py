@@ -34,7 +34,8 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channel_runs, channels_last_map,
-                     planar_from_channels_last, ranges, result_tensor, scratch, visible_samples, workers)
+                     planar_from_channels_last, ranges, result_tensor, scratch, visible_samples, wide_vectors,
+                     workers)
 
 
 @numba.njit(inline="always", **JIT)
@@ -59,6 +60,7 @@ def _tap(pos, size, T):
 def _forward(feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, onnx, T, out,
              arg, record):
     """Boxes ``[lo, hi)``: ``out[k, c, bin]``; with ``record``, ``arg[k, bin, c]`` too."""
+    wide_vectors()
     _, height, width, channels = feat.shape
     best = np.empty(channels, T)
     won = np.empty(channels, np.int64)
@@ -206,6 +208,7 @@ def _backward_input(grad, arg, geometry, spatial_scale, aligned, sampling_ratio,
     """Channels ``[c0, c1)`` of ``grad_feat`` ([N, H, W, C]) from ``grad`` ([K, bins, C]), every
     box in order. Each channel's winner is decoded from ``arg`` and its taps looked up in the
     bin's tables."""
+    wide_vectors()
     _, height, width, _ = grad_feat.shape
     for k in range(grad.shape[0]):
         y1, roi_h, _, grid_h, x1, roi_w, _, grid_w, finite = axis_aligned_box(

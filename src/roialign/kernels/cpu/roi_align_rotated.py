@@ -26,7 +26,7 @@ from torch import Tensor
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
 from .common import (BAND_BYTES, JIT, band_of, box_jobs, channel_runs, channels_last_map, result_tensor, store_band,
-                     visible_samples, workers)
+                     visible_samples, wide_vectors, workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +184,7 @@ def _add_channels(acc, w, pixel, channels):
 
 @numba.njit(**JIT)
 def _forward(feat, geo, grid, extent, batch, lo, hi, pooled_h, pooled_w, T, out):
+    wide_vectors()
     n_img, height, width, channels = feat.shape
     acc = np.empty(channels, dtype=feat.dtype)
     cap_y, cap_x = _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T)
@@ -229,6 +230,7 @@ def _backward_input_rows(grad_t, geo, grid, extent, order, lo, hi, rows_of_box, 
     """Rows ``[r0, r1)`` of image ``b`` of the input gradient, over the image's boxes
     ``order[lo:hi]`` in order (``grad_t`` is [K, PH * PW, C]; ``cap_y``, ``cap_x`` the table
     capacity of every box, computed once per call of the launcher). Each call owns its rows."""
+    wide_vectors()
     band = band_of(grad_feat, b, r0, r1, planar)
     width, channels = band.shape[1], grad_t.shape[2]
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]
