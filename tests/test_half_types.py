@@ -3,8 +3,6 @@ half maps read and written in place give exactly what converting to float32 firs
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -171,60 +169,3 @@ def test_channels_last_view_copies_nchw_halves_as_bits_and_views_channels_last_o
     assert bits.dtype == want.dtype
     assert np.array_equal(bits.view(np.uint16), want.view(np.uint16))
 
-
-
-@pytest.mark.parametrize("grouped", [False, True])
-@pytest.mark.parametrize("order", ["rows", "box by box", "planar out"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided view"])
-def test_bfloat16_pairs_give_the_bits_of_one_channel_at_a_time(layout, order, grouped, monkeypatch):
-    """A bfloat16 map with an even channel count is read two channels at a time, summed in two
-    accumulators and written two at a time (``half_types.bfloat16_pairs``): bit for bit the
-    output of reading one channel at a time, and of converting to float32 first. Subnormal,
-    infinite, NaN and overflowing values included."""
-    from roialign.kernels.cpu import half_types
-
-    monkeypatch.setattr(cpu_roi_align, "GROUPED_RUN_BYTES", 0 if grouped else 1 << 30)
-    x = _map(torch.bfloat16, layout, seed=8)[:, :36]
-    x[1, 3, 4, 5] = float("nan")
-    x[0, 5, 2:4, 7:9] = 3e38  # sums past float32's range: inf in both
-    gen = torch.Generator().manual_seed(9)
-    k = 120
-    xy = torch.rand(k, 2, generator=gen) * 70 - 10
-    rois = torch.cat((torch.randint(0, 2, (k, 1), generator=gen).float(), xy,
-                      xy + torch.rand(k, 2, generator=gen) * 40), 1)
-    rois[::9, 3] = float("inf")
-    paired = []
-
-    def spy(a):
-        result = half_types.bfloat16_pairs(a)
-        paired.append(result is not None)
-        return result
-
-    monkeypatch.setattr(cpu_roi_align, "bfloat16_pairs", spy)
-    outputs = []
-    for pairs in (True, False):
-        monkeypatch.setattr(cpu_roi_align, "PAIRED_BFLOAT16", pairs)
-        out_cl = None if order == "rows" else order == "box by box"
-        with cpu_roi_align._box_by_box() if order != "rows" else contextlib.nullcontext():
-            outputs.append(cpu_roi_align.forward(x, rois, 0.5, 4, 3, -1, True, channels_last_out=out_cl))
-    assert paired and all(paired)  # every call of the paired run took the pairs
-    reference = cpu_roi_align.forward(x.float(), rois, 0.5, 4, 3, -1, True).to(torch.bfloat16)
-    for out in outputs:
-        assert out.dtype == torch.bfloat16
-        assert bool(_same(out, reference).all())
-    assert torch.equal(outputs[0].view(torch.int16), outputs[1].view(torch.int16))
-    assert outputs[0][::9].isnan().all() and outputs[0].isinf().any()
-
-
-def test_bfloat16_pairs_only_where_the_channels_pair_up():
-    from roialign.kernels.cpu.half_types import bfloat16_pairs
-
-    x = torch.randn(2, 6, 5, 4).to(torch.bfloat16)
-    pairs = bfloat16_pairs(kernel_array(x.permute(0, 2, 3, 1).contiguous()))
-    assert pairs is not None and pairs.dtype == np.uint32 and pairs.shape == (2, 5, 4, 3)
-    assert (pairs[0, 1, 2, 1] & 0xFFFF) == kernel_array(x)[0, 2, 1, 2]
-    assert (pairs[0, 1, 2, 1] >> 16) == kernel_array(x)[0, 3, 1, 2]
-    assert bfloat16_pairs(kernel_array(x.permute(0, 2, 3, 1).contiguous()[..., :5])) is None  # odd
-    assert bfloat16_pairs(kernel_array(x).reshape(-1)[1:-5].reshape(-1, 6)) is None  # 2-byte aligned
-    assert bfloat16_pairs(kernel_array(x.permute(0, 2, 3, 1))) is None  # channels not contiguous
-    assert bfloat16_pairs(kernel_array(x.half().permute(0, 2, 3, 1).contiguous())) is None  # float16

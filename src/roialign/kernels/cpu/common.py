@@ -24,7 +24,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from .half_types import carry, even_channel, kernel_array, narrow, odd_channel, pack_pair, widen
+from .half_types import carry, kernel_array, narrow, widen
 
 JIT = dict(nogil=True, cache=True)
 
@@ -264,134 +264,6 @@ def weigh_taps(acc, i, pixels, base, at, weight, first, n, zero):
             for c in range(channels):
                 acc[i, c] = acc[i, c] + wa * widen(pixels[pa, c])
             e += 1
-
-
-# A bin's channels, in every dtype. A bfloat16 map may come as uint32 pairs of channels (see
-# ``half_types.bfloat16_pairs``); its sums then go to two accumulators, ``acc`` for the even
-# channels and ``odd`` for the odd ones, and an output of pairs is written two channels at a
-# time. Otherwise ``odd`` is not used. Either way each channel is summed with the same operations
-# in the same order, so the bits do not depend on it.
-
-
-def paired(pixels):
-    """Whether ``pixels`` holds bfloat16 pairs of channels (Numba only)."""
-    raise NotImplementedError("paired is compiled into Numba kernels only")
-
-
-@overload(paired, inline="always")
-def _paired(pixels):
-    pairs = isinstance(pixels, types.Array) and pixels.dtype == types.uint32
-    return lambda pixels: pairs
-
-
-@numba.njit(inline="always", **JIT)
-def _weigh_pairs(acc, odd, i, pixels, base, at, weight, n, zero):
-    """:func:`weigh_taps` for pairs of channels: the even ones into ``acc``, the odd into ``odd``."""
-    half = pixels.shape[1]
-    for c in range(half):
-        acc[i, c] = zero
-        odd[i, c] = zero
-    e = 0
-    while e < n:
-        if n - e >= 4:
-            pa, pb, pc, pd = base + at[e], base + at[e + 1], base + at[e + 2], base + at[e + 3]
-            wa, wb, wc, wd = weight[e], weight[e + 1], weight[e + 2], weight[e + 3]
-            for c in range(half):
-                a, b, g, d = pixels[pa, c], pixels[pb, c], pixels[pc, c], pixels[pd, c]
-                acc[i, c] = (acc[i, c] + wa * even_channel(a) + wb * even_channel(b) + wc * even_channel(g)
-                             + wd * even_channel(d))
-                odd[i, c] = (odd[i, c] + wa * odd_channel(a) + wb * odd_channel(b) + wc * odd_channel(g)
-                             + wd * odd_channel(d))
-            e += 4
-        elif n - e >= 2:
-            pa, pb, wa, wb = base + at[e], base + at[e + 1], weight[e], weight[e + 1]
-            for c in range(half):
-                a, b = pixels[pa, c], pixels[pb, c]
-                acc[i, c] = acc[i, c] + wa * even_channel(a) + wb * even_channel(b)
-                odd[i, c] = odd[i, c] + wa * odd_channel(a) + wb * odd_channel(b)
-            e += 2
-        else:
-            pa, wa = base + at[e], weight[e]
-            for c in range(half):
-                a = pixels[pa, c]
-                acc[i, c] = acc[i, c] + wa * even_channel(a)
-                odd[i, c] = odd[i, c] + wa * odd_channel(a)
-            e += 1
-
-
-def weigh_bin(acc, odd, i, pixels, base, at, weight, n, zero):
-    """``weigh_taps(acc, i, pixels, base, at, weight, 0, n, zero)``, for pairs of channels too (Numba only)."""
-    raise NotImplementedError("weigh_bin is compiled into Numba kernels only")
-
-
-@overload(weigh_bin, inline="always")
-def _weigh_bin(acc, odd, i, pixels, base, at, weight, n, zero):
-    if pixels.dtype == types.uint32:
-        return lambda acc, odd, i, pixels, base, at, weight, n, zero: _weigh_pairs(
-            acc, odd, i, pixels, base, at, weight, n, zero)
-    return lambda acc, odd, i, pixels, base, at, weight, n, zero: weigh_taps(
-        acc, i, pixels, base, at, weight, 0, n, zero)
-
-
-def clear_bin(acc, odd, i, pixels):
-    """Zero bin ``i``'s channels (Numba only)."""
-    raise NotImplementedError("clear_bin is compiled into Numba kernels only")
-
-
-@overload(clear_bin, inline="always")
-def _clear_bin(acc, odd, i, pixels):
-    if pixels.dtype == types.uint32:
-        def clear_pairs(acc, odd, i, pixels):
-            for c in range(pixels.shape[1]):
-                acc[i, c] = 0
-                odd[i, c] = 0
-        return clear_pairs
-
-    def clear(acc, odd, i, pixels):
-        for c in range(pixels.shape[1]):
-            acc[i, c] = 0
-    return clear
-
-
-def add_pixel(acc, odd, i, pixels, p, w):
-    """Add ``w`` times pixel ``p``'s channels to bin ``i`` (Numba only)."""
-    raise NotImplementedError("add_pixel is compiled into Numba kernels only")
-
-
-@overload(add_pixel, inline="always")
-def _add_pixel(acc, odd, i, pixels, p, w):
-    if pixels.dtype == types.uint32:
-        def add_pairs(acc, odd, i, pixels, p, w):
-            for c in range(pixels.shape[1]):
-                a = pixels[p, c]
-                acc[i, c] += w * even_channel(a)
-                odd[i, c] += w * odd_channel(a)
-        return add_pairs
-
-    def add(acc, odd, i, pixels, p, w):
-        for c in range(pixels.shape[1]):
-            acc[i, c] += w * widen(pixels[p, c])
-    return add
-
-
-def store_run(out, k, b, acc, odd, i, samples):
-    """``out[k, b, c] = acc[i, c] / samples`` for every channel of a channels-last ``out``
-    ([K, bins, C], or C / 2 pairs), rounded to its dtype (Numba only)."""
-    raise NotImplementedError("store_run is compiled into Numba kernels only")
-
-
-@overload(store_run, inline="always")
-def _store_run(out, k, b, acc, odd, i, samples):
-    if out.dtype == types.uint32:
-        def store_pairs(out, k, b, acc, odd, i, samples):
-            for c in range(out.shape[2]):
-                out[k, b, c] = pack_pair(acc[i, c] / samples, odd[i, c] / samples)
-        return store_pairs
-
-    def store(out, k, b, acc, odd, i, samples):
-        for c in range(out.shape[2]):
-            out[k, b, c] = narrow(acc[i, c] / samples, out)
-    return store
 
 
 @numba.njit(**JIT)

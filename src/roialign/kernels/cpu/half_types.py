@@ -147,12 +147,13 @@ def _narrow(value, target):
     if not isinstance(target, types.Array):
         return None
     if target.dtype == types.uint16:  # bfloat16
-        return lambda value, target: np.uint16(bfloat16_bits(value))
-    if target.dtype == types.uint32:  # two bfloat16 (see ``bfloat16_pairs``), both ``value``
-        def narrow_pair(value, target):
-            bits = bfloat16_bits(value)
-            return bits | (bits << np.uint32(16))
-        return narrow_pair
+        def narrow_bfloat16(value, target):
+            u = _bits_from_float(np.float32(value))
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                return np.uint16(0x7FC0)  # NaN
+            rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+            return np.uint16(rounded >> np.uint32(16))
+        return narrow_bfloat16
     if target.dtype == types.int16:  # float16
         if _HARDWARE_FLOAT16:
             return lambda value, target: _float16_from_float(np.float32(value))
@@ -161,54 +162,6 @@ def _narrow(value, target):
         dtype = target.dtype
         return lambda value, target: dtype(value)
     return None
-
-
-@numba.njit(inline="always", **JIT)
-def bfloat16_bits(value):
-    """The bfloat16 bit pattern (in a uint32) nearest to ``value`` as a float32, ties to even."""
-    u = _bits_from_float(np.float32(value))
-    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        return np.uint32(0x7FC0)  # NaN
-    rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-    return rounded >> np.uint32(16)
-
-
-# bfloat16 maps read two channels at a time. A uint32 array is a bfloat16 one seen through
-# ``bfloat16_pairs``: element ``c`` holds channels ``2c`` (low half) and ``2c + 1`` (high half).
-# Each half becomes a float32 with one shift or one mask, where widening one channel at a time
-# costs a zero-extending shuffle and a shift per element (on an Intel Xeon the shuffles of the
-# bfloat16 RoIAlign forward made it 1.3-2x as long as float32's with the map in L1). The
-# channels come out in two planes, even and odd, which the kernels keep in two accumulators.
-
-_HIGH_HALF = np.uint32(0xFFFF0000)
-
-
-@numba.njit(inline="always", **JIT)
-def even_channel(pair):
-    """float32 value of the low (even-channel) bfloat16 of a uint32 pair."""
-    return _float_from_bits(pair << np.uint32(16))
-
-
-@numba.njit(inline="always", **JIT)
-def odd_channel(pair):
-    """float32 value of the high (odd-channel) bfloat16 of a uint32 pair."""
-    return _float_from_bits(pair & _HIGH_HALF)
-
-
-@numba.njit(inline="always", **JIT)
-def pack_pair(even, odd):
-    """Two float32 values rounded to bfloat16 and packed as a uint32 pair (``even`` in the low half)."""
-    return bfloat16_bits(even) | (bfloat16_bits(odd) << np.uint32(16))
-
-
-def bfloat16_pairs(a: np.ndarray) -> np.ndarray | None:
-    """The bfloat16 array ``a`` (uint16 bit patterns, last axis contiguous) as uint32 pairs of
-    channels, or None when it cannot be: an odd channel count, or not 4-byte aligned."""
-    if a.dtype != np.uint16 or a.shape[-1] % 2 or a.strides[-1] != 2 or a.ctypes.data % 4:
-        return None
-    if any(stride % 4 for stride in a.strides[:-1]):
-        return None
-    return a.view(np.uint32)
 
 
 @numba.njit(**JIT)

@@ -16,9 +16,7 @@ Nothing is compiled at import; ``cache=True`` keeps the machine code on disk for
 process. Geometry is computed in the rois' dtype (float32, or float64 for float64 inputs), in
 the order of operations of the published kernels; accumulation is in float64 for float64
 features and float32 for the others. float16 and bfloat16 maps are read and written in place
-as bit patterns (``half_types``): no float32 copy of the map is made for them. A bfloat16 map
-with an even channel count is read, and its output written, two channels at a time
-(``PAIRED_BFLOAT16``).
+as bit patterns (``half_types``): no float32 copy of the map is made for them.
 """
 
 from __future__ import annotations
@@ -32,10 +30,10 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
-from .common import (BAND_BYTES, JIT, ROW_PAD, add_pixel, axis_aligned_box, band_of, box_geometry, box_jobs,
-                     channel_runs, channels_last_map, clear_bin, paired, ranges, result_tensor, store_band,
-                     store_run, visible_samples, weigh_bin, wide_vectors, workers)
-from .half_types import HALF_TYPES, bfloat16_pairs, kernel_array, narrow, widen
+from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
+                     channels_last_map, ranges, result_tensor, store_band, visible_samples, weigh_taps, wide_vectors,
+                     workers)
+from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +166,6 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
     acc = np.empty((bins, channels + ROW_PAD), dtype=T)  # read by columns at the end
-    odd = np.empty((bins if paired(pixels) else 1, channels + ROW_PAD), dtype=T)
     at = np.empty(yi.shape[1] * xi.shape[1], dtype=np.int64)  # a bin's taps of nonzero weight
     weight = np.empty(yi.shape[1] * xi.shape[1], dtype=T)
     for j in range(lo, hi):
@@ -185,7 +182,8 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
             for pw in range(pooled_w):
                 i = ph * pooled_w + pw
                 if not grouped:
-                    clear_bin(acc, odd, i, pixels)
+                    for c in range(channels):
+                        acc[i, c] = 0
                 n = 0
                 for ty in range(yn[ph]):
                     wy = yw[ph, ty]
@@ -201,21 +199,19 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
                             weight[n] = w
                             n += 1
                         else:
-                            add_pixel(acc, odd, i, pixels, base + row + xi[pw, tx], w)
+                            p = base + row + xi[pw, tx]
+                            for c in range(channels):
+                                acc[i, c] += w * widen(pixels[p, c])
                 if grouped:
-                    weigh_bin(acc, odd, i, pixels, base, at, weight, n, T(0.0))
-        if planar_out and paired(pixels):  # (written here: as a helper, it took reference counts per box)
-            for c in range(channels):
-                for i in range(bins):
-                    out[k, 2 * c, i] = narrow(acc[i, c] / count, out)
-                    out[k, 2 * c + 1, i] = narrow(odd[i, c] / count, out)
-        elif planar_out:
+                    weigh_taps(acc, i, pixels, base, at, weight, 0, n, T(0.0))
+        if planar_out:
             for c in range(channels):
                 for i in range(bins):
                     out[k, c, i] = narrow(acc[i, c] / count, out)
         else:
             for i in range(bins):
-                store_run(out, k, i, acc, odd, i, count)
+                for c in range(channels):
+                    out[k, i, c] = narrow(acc[i, c] / count, out)
 
 
 @numba.njit(**JIT)
@@ -252,7 +248,6 @@ def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, 
     pixels = feat.reshape(n_img * height * width, channels)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
     acc = np.empty((pooled_w, channels), dtype=T)
-    odd = np.empty((pooled_w if paired(pixels) else 1, channels), dtype=T)
     at = np.empty(yi.shape[2] * xi.shape[2], dtype=np.int64)  # a bin's taps of nonzero weight
     weight = np.empty(yi.shape[2] * xi.shape[2], dtype=T)
     for j in range(lo, hi):
@@ -261,7 +256,8 @@ def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, 
         base = batch[k] * height * width
         for pw in range(pooled_w):
             if not grouped:
-                clear_bin(acc, odd, pw, pixels)
+                for c in range(channels):
+                    acc[pw, c] = 0
             n = 0
             for ty in range(yn[k, ph]):
                 wy = yw[k, ph, ty]
@@ -277,12 +273,15 @@ def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, 
                         weight[n] = w
                         n += 1
                     else:
-                        add_pixel(acc, odd, pw, pixels, base + row + xi[k, pw, tx], w)
+                        p = base + row + xi[k, pw, tx]
+                        for c in range(channels):
+                            acc[pw, c] += w * widen(pixels[p, c])
             if grouped:
-                weigh_bin(acc, odd, pw, pixels, base, at, weight, n, T(0.0))
+                weigh_taps(acc, pw, pixels, base, at, weight, 0, n, T(0.0))
         samples = count[k]
         for pw in range(pooled_w):
-            store_run(out, k, ph * pooled_w + pw, acc, odd, pw, samples)
+            for c in range(channels):
+                out[k, ph * pooled_w + pw, c] = narrow(acc[pw, c] / samples, out)
 
 
 @numba.njit(**JIT)
@@ -433,14 +432,6 @@ GROUPED_RUN_BYTES = 1024
 ROW_ORDER_TABLE_BYTES = 64 << 20
 
 
-# bfloat16 maps with an even channel count are read two channels at a time
-# (``half_types.bfloat16_pairs``); the same bits as one at a time (tested). Measured (2 threads,
-# Intel Xeon, whole forward, median of 15 alternations against one at a time, 256 channels):
-# channels_last input 0.90-0.91 of the time on mask-14, train-P3 and boxhead-P2; NCHW input,
-# where the layout copy dominates, 0.96-0.99.
-PAIRED_BFLOAT16 = True
-
-
 def _planar_is_cheaper(k: int, shape: torch.Size, pooled: int, sampling_ratio: int) -> bool:
     """Reading NCHW directly beats transposing the whole map when there is little work per pixel."""
     n, c, h, w = shape
@@ -480,10 +471,6 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         table_bytes = k * (pooled_height * cap_y + pooled_width * cap_x) * (8 + np.dtype(T).itemsize)
         by_rows = table_bytes <= ROW_ORDER_TABLE_BYTES
     with channels_last_map(x) as feat:
-        pairs = bfloat16_pairs(feat) if PAIRED_BFLOAT16 else None
-        out_pairs = bfloat16_pairs(out_np) if channels_last_out else out_np
-        if pairs is not None and out_pairs is not None:
-            feat, out_np = pairs, out_pairs
         if not by_rows:
             workers.run(_forward_nhwc, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio,
                                          pooled_height, pooled_width, T, out_np, grouped, not channels_last_out)
