@@ -562,3 +562,29 @@ def test_kernels_ask_for_the_widest_vectors():
     assert attribute not in plain.inspect_llvm(plain.signatures[0])
     if llvm.get_host_cpu_features().get("avx512f", False):
         assert "zmm" in wide.inspect_asm(wide.signatures[0])
+
+
+def test_compute_type_is_typed_as_the_numpy_class_it_stands_for():
+    # The kernels' T argument: typed as np.float32/np.float64 are (so the same compiled kernels
+    # serve both), and a NumPy dtype outside the kernels.
+    import numba
+
+    from roialign.kernels.cpu import common
+    for stand_in, np_type in ((common.FLOAT32, np.float32), (common.FLOAT64, np.float64)):
+        assert numba.typeof(stand_in) == numba.typeof(np_type)
+        assert np.empty(3, stand_in).dtype == np_type
+        assert np.dtype(stand_in).itemsize == np.dtype(np_type).itemsize
+    assert common.compute_type(torch.float64) is common.FLOAT64
+    assert common.compute_type(torch.float32) is common.FLOAT32
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 8, 9, 100, 1001])
+@pytest.mark.parametrize("parts", [1, 3, 8, 16])
+def test_job_ranges_cover_every_item_once(total, parts):
+    from roialign.kernels.cpu.common import ranges
+    got = ranges(total, parts)
+    assert len(got) == min(total, parts)
+    assert got[0][0] == 0 and got[-1][1] == total
+    assert all(lo < hi for lo, hi in got) and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+    lengths = [hi - lo for lo, hi in got]
+    assert max(lengths) - min(lengths) <= 1

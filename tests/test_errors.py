@@ -80,3 +80,14 @@ def test_non_finite_box_gives_nan_for_that_box_only(backend, bad):
     assert x.grad.isfinite().all()
     good = roialign.roi_align(x.detach(), rois.detach()[[0, 2]], 3, spatial_scale=4.0, sampling_ratio=0, aligned=True)
     torch.testing.assert_close(out[[0, 2]], good)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [-1.0, 2.0, 0.5, math.nan, math.inf])
+def test_batch_index_check_names_the_first_bad_box_in_every_dtype(dtype, bad):
+    rois = torch.tensor([[0, 1, 1, 5, 5]] * 6, dtype=dtype)
+    rois[3, 0], rois[5, 0] = bad, bad
+    with pytest.raises(IndexError, match=r"rois\[3, 0\]"):
+        roialign.roi_align(X.to(dtype), rois, 2)
+    rois[3, 0], rois[5, 0] = 1.0, 0.0
+    assert roialign.roi_align(X.to(dtype), rois, 2).shape == (6, X.shape[1], 2, 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import importlib.util
 import os
@@ -111,6 +112,11 @@ def select(device: torch.device, operator: str) -> ModuleType:
     kernel, which works on any device."""
     name = select_name(device)
     folder = "reference" if operator in NOT_YET.get(name, ()) else _FOLDERS[name]
+    return _kernel_module(folder, operator)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_module(folder: str, operator: str) -> ModuleType:
     return importlib.import_module(f"roialign.kernels.{folder}.{operator}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import sys
 import threading
@@ -449,14 +450,41 @@ workers = _Workers()
 
 
 def ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    """``[0, total)`` cut into ``parts`` (at most ``total``) non-empty ranges of nearly equal length."""
     parts = max(1, min(parts, total))
-    edges = np.linspace(0, total, parts + 1).round().astype(np.int64)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    edges = [total * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def box_geometry(rois: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, type]:
+class ComputeType:
+    """The float type a kernel computes in, passed as the kernels' ``T`` argument (``T(x)``
+    converts to it inside a kernel) and usable as a NumPy dtype outside them.
+
+    Numba types a NumPy scalar class such as ``np.float32`` argument in Python on every call,
+    about 5 µs each, and a forward makes a dozen or more such calls; an object naming its Numba
+    type in ``_numba_type_`` is typed for well under 1 µs, with the same signature (so the same
+    compiled kernel) as the class itself.
+    """
+
+    def __init__(self, np_type: type) -> None:
+        self.dtype = np.dtype(np_type)  # what np.dtype(self), np.empty(..., self) and the like read
+        self._numba_type_ = types.NumberClass(numba.from_dtype(self.dtype))
+
+    def __repr__(self) -> str:
+        return f"ComputeType({self.dtype.name})"
+
+
+FLOAT32, FLOAT64 = ComputeType(np.float32), ComputeType(np.float64)
+
+
+def compute_type(dtype: torch.dtype) -> ComputeType:
+    """The kernels' ``T`` for a compute dtype (float64, else float32)."""
+    return FLOAT64 if dtype == torch.float64 else FLOAT32
+
+
+def box_geometry(rois: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, ComputeType]:
     rois = rois.detach().to(dtype).contiguous()
-    return rois.numpy(), (np.float64 if dtype == torch.float64 else np.float32)
+    return rois.numpy(), compute_type(dtype)
 
 
 def box_jobs(k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -516,7 +544,7 @@ def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of a contiguous tensor of ``shape`` and ``dtype``."""
-    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 class _Scratch:

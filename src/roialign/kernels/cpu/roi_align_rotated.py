@@ -25,8 +25,8 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (BAND_BYTES, JIT, band_of, box_jobs, channel_runs, channels_last_map, result_tensor, store_band,
-                     visible_samples, wide_vectors, workers)
+from .common import (BAND_BYTES, JIT, band_of, box_jobs, channel_runs, channels_last_map, compute_type, result_tensor,
+                     store_band, visible_samples, wide_vectors, workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,8 +351,7 @@ def _prepare(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampli
         fixed = torch.zeros(rois.shape[0], 2, dtype=torch.bool)
     else:
         fixed = torch.stack([geo.fixed_w, geo.fixed_h], 1)
-    T = np.float64 if dtype == torch.float64 else np.float32
-    return (table.numpy(), grid.numpy(), extent.numpy(), batch.numpy(), fixed.numpy(), T, geo)
+    return (table.numpy(), grid.numpy(), extent.numpy(), batch.numpy(), fixed.numpy(), compute_type(dtype), geo)
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
