@@ -588,3 +588,23 @@ def test_job_ranges_cover_every_item_once(total, parts):
     assert all(lo < hi for lo, hi in got) and all(a[1] == b[0] for a, b in zip(got, got[1:]))
     lengths = [hi - lo for lo, hi in got]
     assert max(lengths) - min(lengths) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_gradient_reaches_the_backward_as_bit_patterns(dtype):
+    # A channels-last half gradient is read in place, an NCHW one transposed as bit patterns
+    # (half the bytes of a widened copy); both give the same runs as widening first.
+    from roialign.kernels.cpu.common import channel_runs
+    from roialign.kernels.cpu.half_types import kernel_array
+    grad = torch.randn(5, 6, 3, 2, dtype=dtype)
+    expected = grad.float().permute(0, 2, 3, 1).reshape(5, 6, 6).numpy()
+    cl = grad.contiguous(memory_format=torch.channels_last)
+    with channel_runs(cl, torch.float32, halves=True) as runs:
+        assert np.shares_memory(runs, kernel_array(cl))
+        assert np.array_equal(torch.from_numpy(runs.view(np.int16)).view(dtype).float().numpy(), expected)
+    with channel_runs(grad, torch.float32, halves=True) as runs:
+        assert runs.dtype == kernel_array(grad).dtype
+        assert np.array_equal(torch.from_numpy(runs.view(np.int16)).view(dtype).float().numpy(), expected)
+    for g in (grad, cl):
+        with channel_runs(g, torch.float32) as runs:
+            assert runs.dtype == np.float32 and np.array_equal(runs, expected)

@@ -25,7 +25,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from .half_types import carry, kernel_array, narrow, widen
+from .half_types import HALF_TYPES, carry, kernel_array, narrow, widen
 
 JIT = dict(nogil=True, cache=True)
 
@@ -270,12 +270,30 @@ def weigh_taps(acc, i, pixels, base, at, weight, first, n, zero):
 @numba.njit(**JIT)
 def transpose_boxes(grad, lo, hi, grad_t):
     """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C] (half bit
-    patterns widened to float32)."""
+    patterns copied into the same half format, else widened to float32)."""
     for k in range(lo, hi):  # in the destination's order: 2-3x faster than the source's, or tiles
         for i in range(grad.shape[2]):
             row = grad_t[k, i]
             for c in range(grad.shape[1]):
-                row[c] = widen(grad[k, c, i])
+                row[c] = carry(grad[k, c, i], grad_t)
+
+
+def bin_run(grad_t, k, p, buf):
+    """The channels of bin ``p`` of box ``k`` of a :func:`channel_runs` array: a float run as it
+    is, a run of half bit patterns widened into ``buf`` (float32, at least C long). Numba only."""
+    raise NotImplementedError("bin_run is compiled into Numba kernels only")
+
+
+@overload(bin_run)
+def _bin_run(grad_t, k, p, buf):
+    if grad_t.dtype in (types.uint16, types.int16):
+        def widened(grad_t, k, p, buf):
+            run = grad_t[k, p]
+            for c in range(run.shape[0]):
+                buf[c] = widen(run[c])
+            return buf
+        return widened
+    return lambda grad_t, k, p, buf: grad_t[k, p]
 
 
 def band_of(grad_feat, b, r0, r1, planar):
@@ -665,23 +683,30 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype):
 
 
 @contextlib.contextmanager
-def channel_runs(grad: Tensor, dtype: torch.dtype):
+def channel_runs(grad: Tensor, dtype: torch.dtype, halves: bool = False):
     """The output gradient ``grad`` ([K, C, PH, PW], any strides) as a [K, PH * PW, C] array in
     ``dtype``, each bin's channels one contiguous run, for the duration of a ``with`` block, which
     every backward starts with. A channels-last gradient of that dtype is used in place; any other
-    is transposed (half bit patterns widened) by our pool into a scratch buffer."""
+    is transposed (half bit patterns widened) by our pool into a scratch buffer.
+
+    With ``halves``, for a kernel that reads its bins through :func:`bin_run`, a half gradient
+    stays half bit patterns: used in place when channels-last, else transposed as bit patterns.
+    Widening it first cost more than the rest of the backward's extra time over float32 (train-P3's
+    bfloat16 gradient: about 9 ms, writing twice its bytes)."""
     grad = grad.detach()
     k, c = grad.shape[0], grad.shape[1]
+    if halves and grad.dtype in HALF_TYPES:
+        dtype = grad.dtype
     if grad.is_contiguous(memory_format=torch.channels_last):
         runs = grad.permute(0, 2, 3, 1).reshape(k, -1, c)  # a view: the permuted tensor is contiguous
         if runs.dtype == dtype:
-            yield runs.numpy()
+            yield kernel_array(runs)
             return
         source = kernel_array(runs).transpose(0, 2, 1)
     else:
         source = kernel_array(grad.contiguous().view(k, c, -1))
     with scratch((k, source.shape[2], c), dtype) as buffer:
-        grad_t = buffer.numpy()
+        grad_t = kernel_array(buffer)
         workers.run(transpose_boxes, [(source, lo, hi, grad_t) for lo, hi in ranges(k, 4 * workers.size())])
         yield grad_t
 

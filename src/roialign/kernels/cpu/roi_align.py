@@ -30,9 +30,9 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
-from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, box_geometry, box_jobs, channel_runs,
-                     channels_last_map, ranges, result_tensor, store_band, visible_samples, weigh_taps, wide_vectors,
-                     workers)
+from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, box_jobs,
+                     channel_runs, channels_last_map, ranges, result_tensor, store_band, visible_samples, weigh_taps,
+                     wide_vectors, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 
 
@@ -320,7 +320,8 @@ def _forward_nchw(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
 def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, spatial_scale, aligned, sampling_ratio,
                          pooled_h, pooled_w, T, grad_feat, planar):
     """Rows ``[r0, r1)`` of image ``b`` of the input gradient, accumulated over the image's boxes in
-    order (``grad_t`` is the output gradient as [K, PH * PW, C]). A channels-last ``grad_feat``
+    order (``grad_t`` is the output gradient as [K, PH * PW, C], half bit patterns widened one bin
+    at a time). A channels-last ``grad_feat``
     ([N, H, W, C]) is accumulated in place; a ``planar`` one ([N, C, H, W]) through a channels-last
     band that is then transposed into it. Each call owns its rows: no other call writes them."""
     wide_vectors()
@@ -329,6 +330,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
+    widened = np.empty(channels, T)
     for j in range(lo, hi):
         k = order[j]
         if rows_of_box[k, 1] < r0 or rows_of_box[k, 0] >= r1:
@@ -346,7 +348,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
             if not hits:
                 continue
             for pw in range(pooled_w):
-                g = grad_t[k, ph * pooled_w + pw]
+                g = bin_run(grad_t, k, ph * pooled_w + pw, widened)
                 for ty in range(yn[ph]):
                     wy = yw[ph, ty]
                     r = yi[ph, ty]
@@ -497,7 +499,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
                    channels_last: bool) -> Tensor:
     dtype = compute_dtype(grad.dtype)
     geometry, T = box_geometry(rois, dtype)
-    with channel_runs(grad, dtype) as grad_t:
+    with channel_runs(grad, dtype, halves=True) as grad_t:
         # Boxes grouped by image, each group in its original order: a fixed order of accumulation,
         # and each job owns a band of rows of one image, so the result does not depend on threads.
         batch = torch.from_numpy(geometry[:, 0]).long()
