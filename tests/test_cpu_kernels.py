@@ -608,3 +608,48 @@ def test_half_gradient_reaches_the_backward_as_bit_patterns(dtype):
     for g in (grad, cl):
         with channel_runs(g, torch.float32) as runs:
             assert runs.dtype == np.float32 and np.array_equal(runs, expected)
+
+
+def _fake_cache(root, index, level, kind, size, shared):
+    folder = root / f"index{index}"
+    folder.mkdir()
+    for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+        (folder / name).write_text(f"{value}\n")
+
+
+@pytest.mark.parametrize("size, shared, expected", [
+    ("2048K", "0", 2 << 20),          # one core's own L2
+    ("2048K", "0,64", 1 << 20),       # shared by two hyperthreads: each thread's half
+    ("4M", "0-3", 1 << 20),           # a cluster of four cores
+    ("64K", "0", 256 << 10),          # kept within [256 KiB, 8 MiB]
+    ("32768K", "0", 8 << 20),
+])
+def test_band_budget_is_one_threads_share_of_the_l2_cache(tmp_path, size, shared, expected):
+    from roialign.kernels.cpu.common import l2_cache_bytes
+    _fake_cache(tmp_path, 0, 1, "Data", "48K", "0")
+    _fake_cache(tmp_path, 1, 1, "Instruction", "32K", "0")
+    _fake_cache(tmp_path, 2, 2, "Unified", size, shared)
+    _fake_cache(tmp_path, 3, 3, "Unified", "300M", "0-127")
+    assert l2_cache_bytes(str(tmp_path), default=12345) == expected
+
+
+def test_band_budget_has_a_default_where_the_cache_is_not_reported(tmp_path):
+    from roialign.kernels.cpu.common import l2_cache_bytes
+    assert l2_cache_bytes(str(tmp_path / "missing"), default=12345) == 12345
+    _fake_cache(tmp_path, 0, 1, "Data", "48K", "0")
+    assert l2_cache_bytes(str(tmp_path), default=12345) == 12345
+
+
+def test_band_rows_fill_the_budget_but_leave_two_bands_per_thread():
+    from roialign.kernels.cpu.common import band_rows
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert band_rows(1 << 20, 1000, 10_000, 1) == (1 << 20) // 1000
+        assert band_rows(1 << 20, 1 << 21, 100, 1) == 1  # a row over budget is still a band
+        assert band_rows(4 << 20, 32 << 10, 128, 1) == 32  # 4 bands, not one of 128 rows
+        assert band_rows(4 << 20, 32 << 10, 128, 2) == 64
+        torch.set_num_threads(1)
+        assert band_rows(4 << 20, 32 << 10, 128, 1) == 64
+    finally:
+        torch.set_num_threads(before)

@@ -434,3 +434,26 @@ def test_onnx_export_raises_clearly(tmp_path, dynamo):
     message = "roialign.roi_align_rotated" if dynamo else "no rotated RoiAlign"
     with pytest.raises(OnnxExporterError, match=message):
         torch.onnx.export(model, args, str(tmp_path / "m.onnx"), dynamo=dynamo)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_bands_of_any_height_give_the_same_bits(monkeypatch, layout):
+    pytest.importorskip("numba")
+    from roialign.kernels.cpu import roi_align_rotated as cpu_rotated
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 20, 24, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = torch.cat([torch.randint(0, 2, (30, 1), generator=gen).float(), torch.rand(30, 2, generator=gen) * 24,
+                      2 + torch.rand(30, 2, generator=gen) * 12, torch.rand(30, 1, generator=gen) * 180 - 90], 1)
+    grad = torch.randn(30, 6, 3, 3, generator=gen)
+    results = []
+    for band_bytes in (cpu_rotated.BAND_BYTES, 1, 24 * 6 * 4 * 3):  # default, one row, three rows
+        monkeypatch.setattr(cpu_rotated, "BAND_BYTES", band_bytes)
+        xg = x.detach().clone().requires_grad_()
+        with roialign.use_backend("numba"):
+            roialign.roi_align_rotated(xg, rois, 3, 1.0, 2).backward(grad)
+        results.append(xg.grad)
+    assert results[0].abs().sum() > 0
+    for other in results[1:]:
+        assert torch.equal(other, results[0])

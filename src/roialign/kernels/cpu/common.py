@@ -48,9 +48,61 @@ def wide_vectors(typingctx):
 
 
 _TILE = 32  # side of the square blocks of the tiled layout copies
+
+
+def l2_cache_bytes(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache", default: int = 1 << 20) -> int:
+    """One thread's share of the level-2 cache (its size over the CPUs sharing it), as Linux
+    reports it for CPU 0, kept within [256 KiB, 8 MiB]; ``default`` where it cannot be read."""
+    try:
+        for entry in sorted(os.listdir(cpu_dir)):
+            path = os.path.join(cpu_dir, entry)
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(path, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(path, "type")) as f:
+                kind = f.read().strip()
+            if level != "2" or kind not in ("Unified", "Data"):
+                continue
+            with open(os.path.join(path, "size")) as f:
+                size = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            size_bytes = int(size.rstrip("KMG")) * scale
+            try:
+                with open(os.path.join(path, "shared_cpu_list")) as f:
+                    sharing = _count_cpus(f.read())
+            except (OSError, ValueError):
+                sharing = 1
+            return min(8 << 20, max(256 << 10, size_bytes // max(1, sharing)))
+    except (OSError, ValueError):
+        pass
+    return default
+
+
+def _count_cpus(listing: str) -> int:
+    """CPUs in a Linux CPU list such as ``0-3,8,10-11``."""
+    count = 0
+    for part in listing.strip().split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
 # Rows of an input gradient accumulated together by one job (every operator's banded backward):
-# about one L2 cache, so that a band stays in cache while the boxes that cross it add to it.
-BAND_BYTES = 1 << 20
+# one thread's share of the L2 cache, so that a band stays in cache while the boxes that cross it
+# add to it. Measured (Intel Xeon, 2 MB of L2 per core, RoIAlign input gradient, 2 threads, median
+# of 5 alternations against 1 MB bands): 2 MB bands 0.71-0.94 of the time in float64, 0.76-1.01
+# in float32, 0.78-0.99 in bfloat16; 4 MB bands no better, and 0.5 MB ones up to 1.9x slower.
+# Bands of any height give the same bits (tested).
+BAND_BYTES = l2_cache_bytes()
+
+
+def band_rows(budget: int, row_bytes: int, height: int, images: int) -> int:
+    """Rows per band: as many as fit in ``budget`` bytes, but few enough for two bands per thread,
+    so that threads can even out bands of unequal cost (a 4 MB map in 2 MB bands kept one of two
+    threads waiting: its backward took 1.04-1.12x as long as in 1 MB bands, on 2 threads)."""
+    rows = max(1, budget // max(1, row_bytes))
+    return max(1, min(rows, -(-height * images // (2 * workers.size()))))
 # Spare elements at the end of each row of a [rows, C] scratch that is later read a column at a
 # time (one channel across bins or pixels, to transpose it). Rows of 256 channels are 1 KiB
 # apart, so such a column falls in 4 of the L1 cache's 64 sets and misses on nearly every

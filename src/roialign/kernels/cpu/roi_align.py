@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
-from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, box_jobs,
+from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, band_rows, bin_run, box_geometry, box_jobs,
                      channel_runs, channels_last_map, ranges, result_tensor, store_band, visible_samples, weigh_taps,
                      wide_vectors, workers)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
@@ -514,7 +514,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
         else:
             grad_input = result_tensor((batch_size, channels, height, width), grad.dtype)
             target, result = kernel_array(grad_input), grad_input
-        band = max(1, BAND_BYTES // max(1, width * channels * torch.finfo(dtype).bits // 8))
+        band = band_rows(BAND_BYTES, width * channels * torch.finfo(dtype).bits // 8, height, batch_size)
         jobs = [(grad_t, geometry, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0, min(height, r0 + band),
                  spatial_scale, aligned, sampling_ratio, pooled_height, pooled_width, T, target, not channels_last)
                 for b in range(batch_size) for r0 in range(0, height, band)]

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (BAND_BYTES, JIT, band_of, box_jobs, channel_runs, channels_last_map, compute_type, result_tensor,
-                     store_band, visible_samples, wide_vectors, workers)
+from .common import (BAND_BYTES, JIT, band_of, band_rows, box_jobs, channel_runs, channels_last_map, compute_type,
+                     result_tensor, store_band, visible_samples, wide_vectors, workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
         else:
             grad_input = result_tensor((batch_size, channels, height, width), dtype)
             target, result = grad_input.numpy(), grad_input
-        band = max(1, BAND_BYTES // max(1, width * channels * grad_input.element_size()))
+        band = band_rows(BAND_BYTES, width * channels * grad_input.element_size(), height, batch_size)
         cap_y, cap_x = _table_capacity(table, grid, extent, 0, table.shape[0], pooled_height, pooled_width, T)
         jobs = [(grad_t, table, grid, extent, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0,
                  min(height, r0 + band), pooled_height, pooled_width, T, cap_y, cap_x, target, not channels_last)
