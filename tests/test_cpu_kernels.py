@@ -77,7 +77,7 @@ def test_jobs_run_on_pytorchs_openmp_threads_where_it_has_them(monkeypatch):
     import sys
     import time
 
-    from roialign.kernels.cpu.common import workers
+    from roialign.kernels.cpu.threads import workers
 
     expected = sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
     assert (workers._gomp is not None) == expected
@@ -107,7 +107,7 @@ def test_jobs_run_on_pytorchs_openmp_threads_where_it_has_them(monkeypatch):
 
 
 def test_both_kinds_of_threads_give_the_same_bits(monkeypatch):
-    from roialign.kernels.cpu.common import workers
+    from roialign.kernels.cpu.threads import workers
 
     x, rois = problem(4)
     before = torch.get_num_threads()
@@ -581,7 +581,7 @@ def test_compute_type_is_typed_as_the_numpy_class_it_stands_for():
 @pytest.mark.parametrize("total", [1, 2, 7, 8, 9, 100, 1001])
 @pytest.mark.parametrize("parts", [1, 3, 8, 16])
 def test_job_ranges_cover_every_item_once(total, parts):
-    from roialign.kernels.cpu.common import ranges
+    from roialign.kernels.cpu.threads import ranges
     got = ranges(total, parts)
     assert len(got) == min(total, parts)
     assert got[0][0] == 0 and got[-1][1] == total
@@ -625,7 +625,7 @@ def _fake_cache(root, index, level, kind, size, shared):
     ("32768K", "0", 8 << 20),
 ])
 def test_band_budget_is_one_threads_share_of_the_l2_cache(tmp_path, size, shared, expected):
-    from roialign.kernels.cpu.common import l2_cache_bytes
+    from roialign.kernels.cpu.threads import l2_cache_bytes
     _fake_cache(tmp_path, 0, 1, "Data", "48K", "0")
     _fake_cache(tmp_path, 1, 1, "Instruction", "32K", "0")
     _fake_cache(tmp_path, 2, 2, "Unified", size, shared)
@@ -634,14 +634,14 @@ def test_band_budget_is_one_threads_share_of_the_l2_cache(tmp_path, size, shared
 
 
 def test_band_budget_has_a_default_where_the_cache_is_not_reported(tmp_path):
-    from roialign.kernels.cpu.common import l2_cache_bytes
+    from roialign.kernels.cpu.threads import l2_cache_bytes
     assert l2_cache_bytes(str(tmp_path / "missing"), default=12345) == 12345
     _fake_cache(tmp_path, 0, 1, "Data", "48K", "0")
     assert l2_cache_bytes(str(tmp_path), default=12345) == 12345
 
 
 def test_band_rows_fill_the_budget_but_leave_two_bands_per_thread():
-    from roialign.kernels.cpu.common import band_rows
+    from roialign.kernels.cpu.threads import band_rows
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

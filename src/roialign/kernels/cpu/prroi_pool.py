@@ -31,8 +31,9 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (BAND_BYTES, JIT, ROW_PAD, channel_runs, channels_last_map, empty, ranges, result_tensor,
-                     scratch_buffers, weigh_taps, wide_vectors, workers)
+from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, empty, result_tensor, scratch_buffers, weigh_taps,
+                     wide_vectors)
+from .threads import BAND_BYTES, ranges, workers
 
 
 # The geometry of ``kernels/reference/prroi_pool.py`` (see there), per box: the same formulas,

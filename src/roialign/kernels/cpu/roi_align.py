@@ -7,7 +7,7 @@ planar kernel that reads NCHW directly is used instead, since the transpose woul
 than the work. A channels_last input gets a channels_last output, pooled bin row by bin row in
 the order of the pixel rows they read (``_forward_rows``); an NCHW one is pooled box by box.
 
-Threads (``common.workers``): each job owns its part of the output (boxes, or bin rows, for
+Threads (``threads.workers``): each job owns its part of the output (boxes, or bin rows, for
 the forward, boxes for the box gradient, an image and a band of rows for the input gradient),
 and each part is computed in a fixed order: results are bitwise identical from run to run and
 for any number of threads, without atomics or locks.
@@ -30,10 +30,10 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
-from .common import (BAND_BYTES, JIT, ROW_PAD, axis_aligned_box, band_of, band_rows, bin_run, box_geometry, box_jobs,
-                     channel_runs, channels_last_map, ranges, result_tensor, store_band, visible_samples, weigh_taps,
-                     wide_vectors, workers)
+from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, box_jobs, channel_runs,
+                     channels_last_map, result_tensor, store_band, visible_samples, weigh_taps, wide_vectors)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
+from .threads import BAND_BYTES, band_rows, ranges, workers
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype
 from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channel_runs, channels_last_map,
-                     planar_from_channels_last, ranges, result_tensor, scratch, visible_samples, wide_vectors,
-                     workers)
+                     planar_from_channels_last, result_tensor, scratch, visible_samples, wide_vectors)
+from .threads import ranges, workers
 
 
 @numba.njit(inline="always", **JIT)

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (BAND_BYTES, JIT, band_of, band_rows, box_jobs, channel_runs, channels_last_map, compute_type,
-                     result_tensor, store_band, visible_samples, wide_vectors, workers)
+from .common import (JIT, band_of, box_jobs, channel_runs, channels_last_map, compute_type, result_tensor, store_band,
+                     visible_samples, wide_vectors)
+from .threads import BAND_BYTES, band_rows, workers
 
 
 # ----------------------------------------------------------------------------------------------
