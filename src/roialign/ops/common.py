@@ -51,17 +51,14 @@ def check_batch_index(rois: Tensor, batch_size: int) -> None:
     if index.device.type == "cpu" and index.dtype in (torch.float32, torch.float64):
         # The same test in NumPy: a few µs, against some 50 for the tensor operations' dispatch.
         values = index.detach().numpy()
-        bad_np = ~((values >= 0) & (values < batch_size) & (values == np.floor(values)))
-        if not bad_np.any():
-            return
-        k = int(np.argmax(bad_np))
-        raise IndexError(
-            f"rois[:, 0] must hold integer batch indices in [0, {batch_size}); rois[{k}, 0] is {float(index[k])}")
-    bad = ~((index >= 0) & (index < batch_size) & (index == torch.floor(index)))
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"rois[:, 0] must hold integer batch indices in [0, {batch_size}); rois[{k}, 0] is {float(index[k])}")
+        bad = ~((values >= 0) & (values < batch_size) & (values == np.floor(values)))
+        first = int(np.argmax(bad)) if bad.any() else None
+    else:
+        bad = ~((index >= 0) & (index < batch_size) & (index == torch.floor(index)))
+        first = int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+    if first is not None:
+        raise IndexError(f"rois[:, 0] must hold integer batch indices in [0, {batch_size}); "
+                         f"rois[{first}, 0] is {float(index[first])}")
 
 
 # torch.compile on CUDA: see through the op into the Triton kernels.

@@ -321,9 +321,9 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
                          pooled_h, pooled_w, T, grad_feat, planar):
     """Rows ``[r0, r1)`` of image ``b`` of the input gradient, accumulated over the image's boxes in
     order (``grad_t`` is the output gradient as [K, PH * PW, C], half bit patterns widened one bin
-    at a time). A channels-last ``grad_feat``
-    ([N, H, W, C]) is accumulated in place; a ``planar`` one ([N, C, H, W]) through a channels-last
-    band that is then transposed into it. Each call owns its rows: no other call writes them."""
+    at a time). A channels-last ``grad_feat`` ([N, H, W, C]) is accumulated in place; a ``planar``
+    one ([N, C, H, W]) through a channels-last band that is then transposed into it. Each call owns
+    its rows: no other call writes them."""
     wide_vectors()
     band = band_of(grad_feat, b, r0, r1, planar)
     width, channels = band.shape[1], grad_t.shape[2]
