@@ -2,7 +2,10 @@
 # The GPU checklist in one call, for a lent CUDA machine whose python3 already has torch, triton,
 # torchvision, numba and pytest (run from the repository root; no install, the package is read
 # from src/): versions, the gpu tests, the CUDA benchmark against torchvision in float32,
-# float16 and bfloat16, and the launch-parameter sweep. Logs and CSVs go to $OUT (else gpu_out/).
+# float16 and bfloat16, the launch-parameter sweep and a per-kernel profile of forward+backward.
+# Logs and CSVs go to $OUT (else gpu_out/). On a fresh H200 (2026-11-30) the tests alone needed
+# more than 200 s (about 4 per second on 8 workers: Triton compiles a variant per integer-argument
+# pattern) and the benchmark about 150 s per dtype: plan about 10 minutes for the whole script.
 set -u
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -13,7 +16,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
   python3 -c "import sys, torch, triton, torchvision, numba, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)"
 } 2>&1 | tee "$out/env.txt"
 echo "== pytest -m gpu"
-timeout "${T_TESTS:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --maxfail=20 tests \
+timeout "${T_TESTS:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --maxfail=20 tests \
   > "$out/pytest.log" 2>&1; echo "pytest rc $?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest.log" | tail -n 25 | cut -c1-300
 if [ "${T_TUNE:-180}" -gt 0 ]; then  # T_TUNE=0 skips the sweep (the shipped constants are used)
@@ -25,7 +28,12 @@ fi
 echo "== bench_cuda (with the swept best settings, when the sweep wrote them)"
 settings=()
 [ -s "$out/best.json" ] && settings=(--settings "$out/best.json")
-timeout "${T_BENCH:-150}" python3 benchmarks/bench_cuda.py --dtypes float32,float16,bfloat16 --rep "${REP:-100}" \
+timeout "${T_BENCH:-360}" python3 benchmarks/bench_cuda.py --dtypes float32,float16,bfloat16 --rep "${REP:-100}" \
   --workloads "${WORKLOADS:-boxhead-P2,train-P3,mask-14,adaptive,train-batch}" --csv "$out/cuda.csv" "${settings[@]}" ${BENCH_EXTRA:-} \
   > "$out/bench.log" 2>&1; echo "bench rc $?"
 grep -v "^$" "$out/bench.log" | cut -c1-150
+if [ "${T_PROFILE:-60}" -gt 0 ]; then
+  echo "== profile_cuda (float32, NCHW: device time per kernel)"
+  timeout "${T_PROFILE:-60}" python3 benchmarks/profile_cuda.py --rows 6 > "$out/profile.log" 2>&1; echo "profile rc $?"
+  grep -E "^==|ms  x" "$out/profile.log" | cut -c1-120
+fi

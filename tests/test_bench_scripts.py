@@ -51,3 +51,12 @@ def test_tune_cuda_smoke_sweeps_checks_and_picks_settings(tmp_path):
     for module, constants in (("roi_align", axis), ("roi_align_rotated", rotated)):
         for name, value in chosen[module].items():
             assert isinstance(getattr(constants, name), int) and value > 0
+
+
+def test_profile_cuda_smoke_lists_our_kernels_and_torchvisions():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_cuda.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    headers = [line for line in result.stdout.splitlines() if line.startswith("== smoke float32")]
+    assert [h.split()[3].rstrip(":") for h in headers] == ["ours", "torchvision"]
+    assert "roialign::roi_align" in result.stdout
