@@ -313,6 +313,7 @@ def test_nchw_to_nhwc_copy_matches_permute(shape, dtype, tiled, monkeypatch):
     from roialign.kernels.cpu.common import channels_last_view
 
     monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
+    monkeypatch.setitem(common._LAYOUT_COPY, "aliased", tiled)
 
     x = torch.randn(*shape, dtype=dtype)
     before = x.clone()
@@ -333,6 +334,7 @@ def test_nhwc_to_nchw_copy_matches_permute(shape, dtype, tiled, monkeypatch):
     from roialign.kernels.cpu.common import planar_from_channels_last
 
     monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
+    monkeypatch.setitem(common._LAYOUT_COPY, "aliased", tiled)
 
     t = torch.randn(*shape, dtype=dtype)
     before = t.clone()
@@ -342,16 +344,23 @@ def test_nhwc_to_nchw_copy_matches_permute(shape, dtype, tiled, monkeypatch):
     assert torch.equal(t, before)
 
 
-def test_layout_copy_tuning_picks_an_order_and_changes_no_result(monkeypatch):
-    """warmup() times both copy orders and keeps one; every operator gives the same bits either way."""
+@pytest.mark.parametrize("size", [(23, 41), (32, 32)])  # float64 planes of 7544 bytes, and of 8 KiB (aliased)
+def test_layout_copy_tuning_picks_an_order_and_changes_no_result(monkeypatch, size):
+    """warmup() times both copy orders for both kinds of map and keeps one for each; every
+    operator gives the same bits either way."""
     from roialign.kernels.cpu import common
 
-    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", common._LAYOUT_COPY["tiled"])
-    report = common.tune_layout_copies((1, 40, 24, 36), pairs=2)
-    assert report["tiled"] is common._LAYOUT_COPY["tiled"]
-    assert report["tiled"] == (report["tiled_s"] < report["streaming_s"]) and report["streaming_s"] > 0
+    for kind in ("tiled", "aliased"):
+        monkeypatch.setitem(common._LAYOUT_COPY, kind, common._LAYOUT_COPY[kind])
+    report = common.tune_layout_copies((1, 40, 24, 36), pairs=2, aliased_shape=(1, 8, 16, 64))
+    for prefix, kind in (("", "tiled"), ("aliased_", "aliased")):
+        assert report[kind] is common._LAYOUT_COPY[kind]
+        assert report[kind] == (report[f"{prefix}tiled_s"] < report[f"{prefix}streaming_s"])
+        assert report[f"{prefix}streaming_s"] > 0
+    with pytest.raises(ValueError, match="aliased_shape"):
+        common.tune_layout_copies((1, 4, 24, 36), pairs=1, aliased_shape=(1, 4, 24, 36))
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 37, 23, 41, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 37, *size, generator=gen, dtype=torch.float64, requires_grad=True)
     boxes = torch.cat([torch.randint(0, 2, (30, 1), generator=gen).double(), torch.rand(30, 2, generator=gen) * 30,
                        torch.rand(30, 2, generator=gen) * 30 + 5], 1)
     boxes[:, 3:] += boxes[:, 1:3]
@@ -365,12 +374,30 @@ def test_layout_copy_tuning_picks_an_order_and_changes_no_result(monkeypatch):
     for name, call in calls.items():
         results = []
         for tiled in (True, False):
-            common._LAYOUT_COPY["tiled"] = tiled
+            common._LAYOUT_COPY["tiled"] = common._LAYOUT_COPY["aliased"] = tiled
             out = call()
             inputs = (x, rotated) if name == "rotated" else (x, boxes)
             results.append((out.detach(),) + torch.autograd.grad(out.pow(2).sum(), inputs))
         for a, b in zip(*results):
             assert torch.equal(a, b), name
+
+
+def test_layout_copy_order_follows_the_plane_stride(monkeypatch):
+    """Maps whose planes are a multiple of 4 KiB apart (they alias in the L1 cache) take the
+    "aliased" choice, in the planar side's element size (half maps are copied as 2-byte bits)."""
+    from roialign.kernels.cpu import common
+
+    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", False)
+    monkeypatch.setitem(common._LAYOUT_COPY, "aliased", True)
+    assert common._tiled_order(128 * 128 * 4) and common._tiled_order(64 * 32 * 2)
+    assert not common._tiled_order(100 * 136 * 4) and not common._tiled_order(64 * 33 * 2)
+    seen = []
+    monkeypatch.setattr(common.workers, "run", lambda kernel, jobs: seen.append({job[-1] for job in jobs}))
+    for h, w, dtype, want in ((128, 128, torch.float32, True), (32, 64, torch.float16, True),
+                              (100, 136, torch.float32, False), (32, 65, torch.float16, False)):
+        common.channels_last_view(torch.zeros(1, 3, h, w, dtype=dtype))
+        common.planar_from_channels_last(torch.zeros(1, h, w, 3, dtype=dtype))
+        assert seen[-2:] == [{want}, {want}], (h, w, dtype)
 
 
 def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():

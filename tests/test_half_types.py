@@ -163,6 +163,7 @@ def test_channels_last_view_copies_nchw_halves_as_bits_and_views_channels_last_o
     want = kernel_array(x.permute(0, 2, 3, 1).contiguous())
     for tiled in (False, True):
         monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
+        monkeypatch.setitem(common._LAYOUT_COPY, "aliased", tiled)
         copied = common.channels_last_view(x)
         assert copied.dtype == want.dtype and np.array_equal(copied.view(np.uint16), want.view(np.uint16))
     bits = common.channels_last_view(x.contiguous(memory_format=torch.channels_last))

@@ -37,8 +37,9 @@ def __getattr__(name: str):
 
 def warmup() -> None:
     """Compile the CPU kernels now (or load them from Numba's on-disk cache) instead of on first use,
-    and time the two orders of the NCHW <-> channels-last copies on this host to keep the faster
-    (about 0.1 s; both give the same bytes, so no result depends on the choice)."""
+    and time the two orders of the NCHW <-> channels-last copies on this host to keep the faster,
+    for maps whose channel planes are a multiple of 4 KiB apart and for the others (about 0.1 s;
+    both give the same bytes, so no result depends on the choice)."""
     from .kernels.cpu import common as cpu_common
     from .kernels.cpu import roi_align as cpu_roi_align
     from .kernels.cpu import roi_align_max as cpu_roi_align_max

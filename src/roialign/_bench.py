@@ -294,7 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     from .kernels.cpu.common import tune_layout_copies
     copies = tune_layout_copies()
     print(f"layout copies: {'tiled' if copies['tiled'] else 'streaming'} order (1 x 256 x 100 x 136 there and back: "
-          f"tiled {copies['tiled_s'] * 1e3:.1f} ms, streaming {copies['streaming_s'] * 1e3:.1f} ms)\n")
+          f"tiled {copies['tiled_s'] * 1e3:.1f} ms, streaming {copies['streaming_s'] * 1e3:.1f} ms); 4 KiB-aliased "
+          f"planes: {'tiled' if copies['aliased'] else 'streaming'} (1 x 64 x 128 x 128: tiled "
+          f"{copies['aliased_tiled_s'] * 1e3:.2f} ms, streaming {copies['aliased_streaming_s'] * 1e3:.2f} ms)\n")
     rows = []
     for dtype in dtypes:
         for t in threads:
