@@ -43,7 +43,8 @@ def wide_vectors(typingctx):
     return types.none(), codegen
 
 
-_TILE = 32  # side of the square blocks of the tiled layout copies
+_TILE = 32  # side of the square blocks of the tiled copy back to NCHW
+_BLOCK = 8  # channels per pass of the blocked copy to channels-last
 
 
 # Spare elements at the end of each row of a [rows, C] scratch that is later read a column at a
@@ -58,12 +59,13 @@ def nchw_to_nhwc(x, b, r0, r1, out, tiled):
     """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]`` (half bit patterns
     copied as they are into a half ``out``, widened into a float32 one).
 
-    Two orders, the same bytes: ``tiled`` turns 32 x 32 blocks of (channels, columns) around in
-    a small buffer, read by source rows and written by destination rows (partial blocks at the
-    edges element by element); otherwise the destination is written in order, one pixel's
-    channels after another. Which is faster depends on the host (the tiled order was 3-4x faster
-    than 16-column tiles on an AMD EPYC; the streaming one 2-3.5x faster than the tiled one on an
-    Intel Xeon for 3-56 MB maps), so :func:`tune_layout_copies` picks it by timing both."""
+    Two orders, the same bytes: ``tiled`` (blocked) takes 8 channels at a time along the whole
+    pixel row, reading 8 source rows in order and writing 8 consecutive elements per pixel;
+    otherwise the destination is written in order, one pixel's channels after another. Which is
+    faster depends on the host and on the map (streaming was 2-3.5x faster than 32 x 32 tiles on an
+    Intel Xeon for 3-56 MB maps; on an AMD EPYC, from memory, the 8-channel blocks took 0.66 / 1.67
+    / 5.67 ms on the adaptive, P3 and P2 float32 maps against 0.77 / 2.28 / 9.10 for 32 x 32 tiles
+    and 1.66 / 1.51 / 6.70 streaming), so :func:`tune_layout_copies` picks it by timing both."""
     channels, width = x.shape[1], x.shape[3]
     if not tiled:
         for r in range(r0, r1):
@@ -71,21 +73,16 @@ def nchw_to_nhwc(x, b, r0, r1, out, tiled):
                 for c in range(channels):
                     out[b, r, q, c] = carry(x[b, c, r, q], out)
         return
-    tile = np.empty((_TILE, _TILE), out.dtype)
     for r in range(r0, r1):
-        for q0 in range(0, width, _TILE):
-            for c0 in range(0, channels, _TILE):
-                if q0 + _TILE <= width and c0 + _TILE <= channels:
-                    for c in range(_TILE):
-                        for q in range(_TILE):
-                            tile[q, c] = carry(x[b, c0 + c, r, q0 + q], out)
-                    for q in range(_TILE):
-                        for c in range(_TILE):
-                            out[b, r, q0 + q, c0 + c] = tile[q, c]
-                else:
-                    for c in range(c0, min(channels, c0 + _TILE)):
-                        for q in range(q0, min(width, q0 + _TILE)):
-                            out[b, r, q, c] = carry(x[b, c, r, q], out)
+        c0 = 0
+        while c0 + _BLOCK <= channels:
+            for q in range(width):
+                for c in range(_BLOCK):
+                    out[b, r, q, c0 + c] = carry(x[b, c0 + c, r, q], out)
+            c0 += _BLOCK
+        for c in range(c0, channels):
+            for q in range(width):
+                out[b, r, q, c] = carry(x[b, c, r, q], out)
 
 
 @numba.njit(**JIT)
@@ -120,10 +117,10 @@ def nhwc_to_nchw(x, b, r0, r1, out, tiled):
 # planes lie a multiple of 4 KiB apart, "tiled" for the others. An x86 L1 data cache takes a
 # line's set from address bits inside the 4 KiB page, so the same pixel of every such plane falls
 # in one set: the streaming order, which reads (or writes) one pixel of every channel in turn, then
-# misses on nearly every access once the channels outnumber the set's ways, while the tiled order
-# moves runs of 32 pixels of 32 planes. The adaptive map (64 x 128 x 128 float32, 64 KiB planes)
-# took 1.60 ms streaming and 0.45 ms tiled, and the P3 map (100 x 136 planes) 2.8 ms streaming and
-# 4.2 ms tiled (AMD EPYC, 2 threads, one direction). Defaults (when ``warmup()`` was not called):
+# misses on nearly every access once the channels outnumber the set's ways, while the blocked and
+# tiled orders read 8 or 32 planes along runs of pixels. The adaptive map (64 x 128 x 128 float32, 64 KiB planes)
+# took 1.60 ms streaming and 0.45 ms in 32 x 32 tiles, and the P3 map (100 x 136 planes) 2.8 ms
+# streaming and 4.2 ms in tiles (AMD EPYC, 2 threads, one direction, warm). Defaults (when ``warmup()`` was not called):
 # streaming for other maps, measured faster on the hosts where it was compared (README, "On an
 # Intel Xeon host"), tiled for aliased ones; :func:`tune_layout_copies` times both kinds.
 _LAYOUT_COPY = {"tiled": False, "aliased": True}
