@@ -113,16 +113,17 @@ def nhwc_to_nchw(x, b, r0, r1, out, tiled):
                             out[b, c, r, q] = x[b, r, q, c]
 
 
-# Whether the layout copies use the tiled order, per kind of map: "aliased" for maps whose channel
-# planes lie a multiple of 4 KiB apart, "tiled" for the others. An x86 L1 data cache takes a
-# line's set from address bits inside the 4 KiB page, so the same pixel of every such plane falls
-# in one set: the streaming order, which reads (or writes) one pixel of every channel in turn, then
-# misses on nearly every access once the channels outnumber the set's ways, while the blocked and
-# tiled orders read 8 or 32 planes along runs of pixels. The adaptive map (64 x 128 x 128 float32, 64 KiB planes)
-# took 1.60 ms streaming and 0.45 ms in 32 x 32 tiles, and the P3 map (100 x 136 planes) 2.8 ms
-# streaming and 4.2 ms in tiles (AMD EPYC, 2 threads, one direction, warm). Defaults (when ``warmup()`` was not called):
-# streaming for other maps, measured faster on the hosts where it was compared (README, "On an
-# Intel Xeon host"), tiled for aliased ones; :func:`tune_layout_copies` times both kinds.
+# Whether the layout copies use their tiled order (to channels-last: 8-channel blocks; back: 32 x 32
+# tiles) rather than the streaming one, per kind of map: "aliased" for maps whose channel planes lie
+# a multiple of 4 KiB apart, "tiled" for the others. An x86 L1 data cache takes a line's set from
+# address bits inside the 4 KiB page, so the same pixel of every such plane falls in one set: the
+# streaming copy to channels-last, which reads one pixel of every channel in turn, then misses on
+# nearly every read once the channels outnumber the set's ways, while the other order reads a few
+# planes along runs of pixels. The adaptive map (64 x 128 x 128 float32, 64 KiB planes) took 1.60 ms
+# streaming and 0.45 ms in 32 x 32 tiles, and the P3 map (100 x 136 planes) 2.8 ms streaming and
+# 4.2 ms in tiles (AMD EPYC, 2 threads, one direction, warm). Defaults (when ``warmup()`` was not
+# called): streaming for other maps, measured faster on the hosts where it was compared (README, "On
+# an Intel Xeon host"), tiled for aliased ones; :func:`tune_layout_copies` times both kinds.
 _LAYOUT_COPY = {"tiled": False, "aliased": True}
 _ALIASING_BYTES = 4096
 
