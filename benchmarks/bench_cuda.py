@@ -34,10 +34,9 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 
 import roialign  # noqa: E402
-from roialign._bench import WORKLOADS, Workload  # noqa: E402
+from roialign._bench import CUDA_SMOKE as SMOKE  # noqa: E402
+from roialign._bench import TRAIN_BATCH, WORKLOADS, Workload  # noqa: E402
 
-TRAIN_BATCH = Workload("train-batch", 8, 256, 200, 272, 8 * 512, 1 / 4, 7, 2)
-SMOKE = Workload("smoke", 2, 16, 24, 20, 12, 1 / 4, 3, 2)
 
 
 def _providers(w: Workload, aligned: bool, with_max: bool = False, with_prroi: bool = False):

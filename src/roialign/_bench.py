@@ -58,6 +58,10 @@ WORKLOADS = {
     "adaptive": Workload("adaptive", 1, 64, 128, 128, 200, 1.0, 7, 0),
 }
 
+# The CUDA scripts' extra workload (8 images, 512 boxes each) and their tiny --smoke problem.
+TRAIN_BATCH = Workload("train-batch", 8, 256, 200, 272, 8 * 512, 1 / 4, 7, 2)
+CUDA_SMOKE = Workload("smoke", 2, 16, 24, 20, 12, 1 / 4, 3, 2)
+
 
 def sweep_workloads() -> list[Workload]:
     sweep = [Workload(f"boxes-{k}", 1, 256, 100, 136, k, 1 / 8, 7, 2) for k in (10, 100, 1000, 10000)]
