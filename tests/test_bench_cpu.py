@@ -24,3 +24,19 @@ def test_bench_cpu_runs_each_operator(op, ours, tmp_path, capsys):
         diffs = ast.literal_eval(row["max_abs_diff"])
         assert max(diffs if isinstance(diffs, (list, tuple)) else [diffs]) < 1e-4, row
     assert "x tv" in capsys.readouterr().out
+
+
+def test_ratios_are_paired_round_by_round():
+    # Rounds 2 and 3 are bursts of host noise that slow both providers 4x, and round 5 slows ours
+    # alone: paired, the bursts cancel out (ratio 2); the ratio of the medians would be 2.4 / 4.
+    peer = dict(fwd_ms=2.4, fwd_runs=[2.0, 8.0, 8.0, 2.4, 2.4], fwd_bwd_ms=None, fwd_bwd_runs=None)
+    ours = dict(fwd_ms=4.0, fwd_runs=[1.0, 4.0, 4.0, 1.2, 6.0], fwd_bwd_ms=3.0, fwd_bwd_runs=[3.0] * 5)
+    assert _bench.paired_ratio(peer, ours, "fwd_ms") == 2.0
+    assert _bench.paired_ratio(ours, peer, "fwd_ms") == 0.5
+    assert _bench.paired_ratio(peer, ours, "fwd_bwd_ms") is None  # the peer has no backward
+    # Rows without their rounds (or with a different count) fall back to the ratio of medians.
+    assert _bench.paired_ratio(dict(peer, fwd_runs=None), ours, "fwd_ms") == 0.6
+    assert _bench.paired_ratio(dict(peer, fwd_runs=[2.0, 8.0]), ours, "fwd_ms") == 0.6
+    # Each row keeps its rounds, in ms, beside the median.
+    row = _bench._times([0.001, 0.003, 0.002], None)
+    assert row == dict(fwd_ms=2.0, fwd_bwd_ms=None, fwd_runs=[1.0, 3.0, 2.0], fwd_bwd_runs=None)

@@ -156,8 +156,30 @@ def round_robin_rows(workload: Workload, dtype: torch.dtype, threads: int, repea
         for name, bwd in modes:
             timings.setdefault((name, bwd), []).append(_time_once(providers[name][0], providers[name][1], None, bwd))
     return [dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads, provider=name,
-                 fwd_ms=round(statistics.median(timings[(name, False)]) * 1e3, 2),
-                 fwd_bwd_ms=round(statistics.median(timings[(name, True)]) * 1e3, 2)) for name in providers]
+                 **_times(timings[(name, False)], timings[(name, True)])) for name in providers]
+
+
+def _times(fwd: list[float], both: list[float] | None) -> dict:
+    """A row's time fields from its round-robin timings (seconds): the medians in ms, and every
+    round's time (``*_runs``), from which :func:`paired_ratio` takes ratios round by round."""
+    ms = lambda ts: [round(t * 1e3, 3) for t in ts]  # noqa: E731
+    return dict(fwd_ms=round(statistics.median(fwd) * 1e3, 2),
+                fwd_bwd_ms=None if both is None else round(statistics.median(both) * 1e3, 2),
+                fwd_runs=ms(fwd), fwd_bwd_runs=None if both is None else ms(both))
+
+
+def paired_ratio(numerator: dict, denominator: dict, field: str) -> float | None:
+    """``numerator``'s time / ``denominator``'s for ``field`` (``fwd_ms`` or ``fwd_bwd_ms``): the
+    median over rounds of the ratio of the two times taken in the same round, when both rows have
+    them, else the ratio of the medians; None when either has no time. Paired, a burst of host
+    noise that slows both providers of a round cancels out instead of moving one median."""
+    if numerator.get(field) is None or denominator.get(field) is None:
+        return None
+    runs = field.replace("_ms", "_runs")
+    a, b = numerator.get(runs), denominator.get(runs)
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return numerator[field] / denominator[field]
 
 
 def print_ratio_table(rows: list[dict], peer: str, base: str, base_label: str) -> None:
@@ -183,9 +205,8 @@ def print_ratio_table(rows: list[dict], peer: str, base: str, base_label: str) -
 
         def ratio(table, field, inverse=False):
             b = table.get(key(r))
-            if b is None:
-                return "-"
-            return f"{(r[field] / b[field]) if inverse else (b[field] / r[field]):.2f}"
+            value = None if b is None else (paired_ratio(r, b, field) if inverse else paired_ratio(b, r, field))
+            return "-" if value is None else f"{value:.2f}"
         print(f"{r['workload']:<12} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<{width}} {r['fwd_ms']:>9.1f} "
               f"{r['fwd_bwd_ms']:>11.1f} {ratio(peers, 'fwd_ms'):>8} {ratio(peers, 'fwd_bwd_ms'):>8} "
               f"{ratio(bases, 'fwd_ms', True):>12} {ratio(bases, 'fwd_bwd_ms', True):>12}")
@@ -226,10 +247,8 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
             timings.setdefault((name, bwd), []).append(_time_once(providers[name][0], inputs[name], rois, bwd))
     rows = []
     for name in providers:
-        fwd = statistics.median(timings[(name, False)]) * 1e3
-        both = statistics.median(timings[(name, True)]) * 1e3 if (name, True) in timings else None
         rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
-                         provider=name, fwd_ms=round(fwd, 2), fwd_bwd_ms=None if both is None else round(both, 2),
+                         provider=name, **_times(timings[(name, False)], timings.get((name, True))),
                          max_abs_diff_vs_numba=check[name]))
     if quick:
         rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
@@ -254,9 +273,8 @@ def _print_table(rows: list[dict]) -> None:
             tv = found.get(at(r, "torchvision"))
 
         def ratio(key):
-            if tv is None or r[key] is None or tv[key] is None:
-                return "-"
-            return f"{tv[key] / r[key]:.2f}"
+            value = None if tv is None else paired_ratio(tv, r, key)
+            return "-" if value is None else f"{value:.2f}"
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         print(f"{r['workload']:<14} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<26} {fmt(r['fwd_ms']):>9} "
               f"{fmt(r['fwd_bwd_ms']):>11} {ratio('fwd_ms'):>10} {ratio('fwd_bwd_ms'):>10} {r['max_abs_diff_vs_numba']:>9.1e}")
@@ -301,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
           f"python {platform.python_version()}; {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d')}")
     print(f"aligned={args.aligned}, median of {repeats}, providers timed round-robin; "
-          f"'x tv' = torchvision time / provider time")
+          f"'x tv' = torchvision time / provider time, the median over rounds of that round's ratio")
     # What roialign.warmup() does on this host: the faster order of the NCHW <-> channels-last copies.
     torch.set_num_threads(threads[0])
     from .kernels.cpu.common import tune_layout_copies
