@@ -257,13 +257,15 @@ def _reference_counts_in_loops(llvm_ir: str, name: str) -> list[str]:
     return [line.strip() for b in in_loops for line in blocks.get(b, []) if "@NRT_incref" in line or "@NRT_decref" in line]
 
 
-@pytest.mark.parametrize("kernel", ["roi_align", "roi_align rows", "prroi_pool"])
-def test_hot_forward_loops_take_no_reference_counts(kernel, monkeypatch):
+@pytest.mark.parametrize("kernel, dtype", [("roi_align", torch.float32), ("roi_align rows", torch.float32),
+                                           ("prroi_pool", torch.float32), ("roi_align", torch.bfloat16),
+                                           ("roi_align rows", torch.bfloat16)])
+def test_hot_forward_loops_take_no_reference_counts(kernel, dtype, monkeypatch):
     """Numba takes a reference count on each array an inlined helper is given, which LLVM removes
     only for some shapes of the helper (see ``common.weigh_taps``); left in a loop they are atomic
     operations per bin. The channels-last forwards (RoIAlign's box by box, for NCHW input, and by
     rows, for channels_last input) are compiled afresh (the cached code cannot be inspected) and
-    their loops searched."""
+    their loops searched, for float32 and for bfloat16 (read as bit patterns, widened per tap)."""
     import numba
 
     from roialign.kernels.cpu import prroi_pool as cpu_prroi
@@ -273,7 +275,7 @@ def test_hot_forward_loops_take_no_reference_counts(kernel, monkeypatch):
     fresh = numba.njit(nogil=True)(getattr(module, name).py_func)
     monkeypatch.setattr(module, name, fresh)
     monkeypatch.setattr(cpu_roi_align, "GROUPED_RUN_BYTES", 0)
-    x = torch.randn(1, 8, 9, 10)
+    x = torch.randn(1, 8, 9, 10, dtype=dtype)
     if kernel != "roi_align":
         x = x.contiguous(memory_format=torch.channels_last)
     rois = torch.tensor([[0, 1.0, 1.5, 7.0, 6.0], [0, 0.5, 0.5, 3.0, 2.0]])
