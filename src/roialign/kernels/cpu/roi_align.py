@@ -33,7 +33,10 @@ from ..reference.roi_align import row_span
 from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, box_jobs, channel_runs,
                      channels_last_map, result_tensor, store_band, visible_samples, weigh_taps, wide_vectors)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
-from .threads import BAND_BYTES, band_rows, ranges, workers
+from .threads import TAP_BAND_BYTES, band_rows, ranges, workers
+
+# Bytes per band of the input gradient (``threads.TAP_BAND_BYTES``; tests set it to vary the bands).
+BAND_BYTES = TAP_BAND_BYTES
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,10 @@ from ..reference.common import angle_factor, compute_dtype, local_extent, rotate
 from ..reference.roi_align_rotated import geometry
 from .common import (JIT, band_of, box_jobs, channel_runs, channels_last_map, compute_type, result_tensor, store_band,
                      visible_samples, wide_vectors)
-from .threads import BAND_BYTES, band_rows, workers
+from .threads import TAP_BAND_BYTES, band_rows, workers
+
+# Bytes per band of the input gradient (``threads.TAP_BAND_BYTES``; tests set it to vary the bands).
+BAND_BYTES = TAP_BAND_BYTES
 
 
 # ----------------------------------------------------------------------------------------------
