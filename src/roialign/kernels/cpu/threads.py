@@ -178,11 +178,11 @@ BAND_BYTES = l2_cache_bytes()
 # band the box crosses, so a thin band pays that again and again: their bands are twice as large.
 # Measured (AMD EPYC, 1 MB of L2 per core, 2 threads, median of 5-7 alternations, input gradient
 # alone, boxhead-P2, train-P3 and mask-14, both layouts): against 1 MB bands, 2 MB ones took
-# 0.60-0.95 of the time for RoIAlign in float32, float64 and bfloat16, and 0.64-0.77 for the
+# 0.69-0.95 of the time for RoIAlign in float32, float64 and bfloat16, and 0.62-0.82 for the
 # rotated one; 4 MB ones were faster still on boxhead-P2 but slower on mask-14's NCHW gradient
 # (and 8 MB slower on mask-14 in every layout). On the Intel host above, with 2 MB of L2, 4 MB
 # bands were as fast as 2 MB ones. PrRoIPool builds its tables once per call: with 2 MB bands
-# it took 0.96-1.07 of the time, so it keeps BAND_BYTES.
+# it took 0.96-1.10 of the time, so it keeps BAND_BYTES.
 TAP_BAND_BYTES = 2 * BAND_BYTES
 
 
