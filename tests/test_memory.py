@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 import roialign
@@ -37,15 +38,17 @@ def test_gigantic_adaptive_boxes_finish_quickly(backend):
     assert out.isfinite().all() and x.grad.isfinite().all() and rois.grad.isfinite().all()
 
 
-def test_large_results_are_reused_only_once_nothing_shares_them():
+@pytest.mark.parametrize("boxes", [1024, 96])  # outputs of boxes x 64 x 7 x 7 floats: 12.8 MB, 1.2 MB
+def test_large_results_are_reused_only_once_nothing_shares_them(boxes):
     """The Numba backend hands out large outputs over recycled memory: a buffer must not come back
     while any view of it lives, must come back once none does, and must give the same values."""
-    from roialign.kernels.cpu.common import release_scratch
+    from roialign.kernels.cpu.common import _Results, release_scratch
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 64, 32, 32, generator=gen)
-    xy = torch.rand(1024, 2, generator=gen) * 24
-    rois = torch.cat((torch.zeros(1024, 1), xy, xy + 6), 1)  # outputs of 1024 x 64 x 7 x 7 floats: 12.8 MB
+    xy = torch.rand(boxes, 2, generator=gen) * 24
+    rois = torch.cat((torch.zeros(boxes, 1), xy, xy + 6), 1)
+    assert boxes * 64 * 49 * 4 >= _Results._POOLED
     with roialign.use_backend("numba"):
         release_scratch()
         first = roialign.roi_align(x, rois, 7, 1.0, 2, True)

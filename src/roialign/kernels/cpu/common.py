@@ -537,7 +537,15 @@ class _Results(_Scratch):
     """
 
     _KEEP = 2
-    _POOLED = 4 * _HUGE_PAGE
+    # 8 MiB at first; lowered because mid-sized results paid for their pages too, once other
+    # operators ran between our calls (as in a model, or in the benchmark's round robin, where
+    # torchvision's buffers come and go). PrRoIPool's adaptive workload (a 2.5 MB output, a 4 MB
+    # input gradient), as multiples of torchvision's speed in two runs each of
+    # ``bench_cpu.py --op prroi --workloads adaptive`` (AMD EPYC, 2 threads): NCHW forward 2.69 and
+    # 2.39x before, 2.87 and 2.88x with results from 256 KiB recycled (float64: 2.40, 2.07 against
+    # 2.60, 2.55x); forward+backward 4.0-4.9x before, 5.2-5.9x after. Below it, glibc's heap
+    # usually hands out pages already mapped.
+    _POOLED = 256 << 10
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         nbytes = _nbytes(shape, dtype)
