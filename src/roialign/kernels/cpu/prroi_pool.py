@@ -8,9 +8,12 @@ when some box needs it. Either way a table entry is one contiguous run of channe
 
 - integral image: one pass per (image, block of channels), each row adding its running sum to
   the row above.
-- forward: threads take runs of boxes (in row order, for cache reuse); per box, each row the
-  bins read is summed along x once for every bin column, then the bins sum their rows, four
-  entries per pass (``common.weigh_taps``). The sums are in the source's dtype: float64 through
+- forward: threads take runs of boxes (in row order, for cache reuse), and each box first
+  computes its pixel tables itself (a separate pass over the boxes, with tables for all of
+  them in memory, took about a fifth of the adaptive forward); only boxes too wide for those
+  tables go through the geometry pass, afterwards. Per box, each row the bins read is summed
+  along x once for every bin column, then the bins sum their rows, four entries per pass
+  (``common.weigh_taps``). The sums are in the source's dtype: float64 through
   the integral image; through the map, float32 unless the input is float64 (as in RoIAlign).
 - input gradient: the same two steps transposed, band by band of rows from the bottom, into
   the band's gradient (boxes that read the map) or the band's integral-image gradient, whose
@@ -121,6 +124,30 @@ def _axis_taps(start, end, size, k, p, index, value, d_start, d_end, derivatives
     return fits
 
 
+@numba.njit(inline="always", **JIT)
+def _box_bins(rois, k, spatial_scale, pooled_h, pooled_w):
+    """(x1, y1, bin width, bin height, finite) of box ``k`` in pixels; a box with a coordinate
+    that is not finite is placed at the origin, with bins of size 0."""
+    x1, y1 = rois[k, 1] * spatial_scale, rois[k, 2] * spatial_scale
+    x2, y2 = rois[k, 3] * spatial_scale, rois[k, 4] * spatial_scale
+    finite = np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)
+    if not finite:
+        x1, y1, x2, y2 = 0.0, 0.0, 0.0, 0.0
+    return x1, y1, max(x2 - x1, 0.0) / pooled_w, max(y2 - y1, 0.0) / pooled_h, finite
+
+
+@numba.njit(**JIT)
+def _box_taps(x1, y1, bw, bh, height, width, k, xi, xv, xds, xde, yi, yv, yds, yde, derivatives):
+    """Row ``k`` of the direct tables, both axes (see :func:`_axis_taps`); returns whether every
+    bin fits them."""
+    fits = True
+    for p in range(xi.shape[1]):
+        fits &= _axis_taps(x1 + bw * p, x1 + bw * (p + 1), width, k, p, xi, xv, xds, xde, derivatives)
+    for q in range(yi.shape[1]):
+        fits &= _axis_taps(y1 + bh * q, y1 + bh * (q + 1), height, k, q, yi, yv, yds, yde, derivatives)
+    return fits
+
+
 @numba.njit(**JIT)
 def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, both, finite, batch, top, direct, xi, xv, xds, xde, yi,
                      yv, yds, yde, txi, txv, txds, txde, tyi, tyv, tyds, tyde):
@@ -130,19 +157,10 @@ def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, both, finite, b
     pixel row box ``k`` reads."""
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
     for k in range(lo, hi):
-        x1, y1 = rois[k, 1] * spatial_scale, rois[k, 2] * spatial_scale
-        x2, y2 = rois[k, 3] * spatial_scale, rois[k, 4] * spatial_scale
-        finite[k] = np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)
+        x1, y1, bw, bh, finite[k] = _box_bins(rois, k, spatial_scale, pooled_h, pooled_w)
         batch[k] = int(rois[k, 0])
-        if not finite[k]:
-            x1, y1, x2, y2 = 0.0, 0.0, 0.0, 0.0
-        bw, bh = max(x2 - x1, 0.0) / pooled_w, max(y2 - y1, 0.0) / pooled_h
         top[k] = _pixels(y1, y1 + bh, height)[0]
-        fits = True
-        for p in range(pooled_w):
-            fits &= _axis_taps(x1 + bw * p, x1 + bw * (p + 1), width, k, p, txi, txv, txds, txde, both)
-        for q in range(pooled_h):
-            fits &= _axis_taps(y1 + bh * q, y1 + bh * (q + 1), height, k, q, tyi, tyv, tyds, tyde, both)
+        fits = _box_taps(x1, y1, bw, bh, height, width, k, txi, txv, txds, txde, tyi, tyv, tyds, tyde, both)
         direct[k] = fits
         if both or not fits:
             for p in range(pooled_w):
@@ -245,15 +263,24 @@ def _spread_rows(grad, k, yi, yv, shift, r0, r1, first, last, used, c0, spread):
 
 
 @numba.njit(**JIT)
-def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
+def _forward(s, rois, spatial_scale, direct, xi, xv, yi, yv, boxes, deferred, out):
     """Boxes ``boxes``: ``out[k, c, q * PW + p]``. Per box, each row the bins read is first
     summed along x for every bin column (rows are shared by neighbouring bins), then the bins
     sum their rows. Accumulated in the dtype of ``s``: the map's (float32 but for float64 input)
-    or the integral image's (float64)."""
+    or the integral image's (float64).
+
+    With ``direct``, ``s`` is the map and each box first computes its direct tables (into the
+    job's own, shaped as ``xi`` ... ``yv``, of which only the shapes are read); a box whose bins do
+    not fit them is skipped and marked in ``deferred``, one that is not finite gives NaN.
+    Otherwise ``s`` is the integral image and the tables are the boxes' integral-image entries."""
     wide_vectors()
     n_img, height, width, channels = s.shape
     pixels = s.reshape(n_img * height * width, channels)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
+    if direct:
+        xi, xv = np.empty((1, pooled_w, xi.shape[2]), np.int64), np.empty((1, pooled_w, xi.shape[2]))
+        yi, yv = np.empty((1, pooled_h, yi.shape[2]), np.int64), np.empty((1, pooled_h, yi.shape[2]))
+    slopes_x, slopes_y = np.empty(xv.shape), np.empty(yv.shape)  # the tables' unused derivative slots
     rows = np.empty((pooled_w * height, channels), s.dtype)  # [p * H + r]: row r through bin column p
     bins = np.empty((pooled_h * pooled_w, channels + ROW_PAD), s.dtype)  # read by columns at the end
     used = np.zeros(height, np.bool_)
@@ -264,20 +291,28 @@ def _forward(s, batch, finite, xi, xv, yi, yv, boxes, out):
     count = np.empty(pooled_w, np.int64)
     zero = np.zeros(1, s.dtype)[0]
     for k in boxes:
-        if not finite[k]:
-            out[k] = np.nan
-            continue
-        base = batch[k] * height * width
+        t = k  # the box's row of the tables
+        if direct:
+            t = 0
+            x1, y1, bw, bh, finite = _box_bins(rois, k, spatial_scale, pooled_h, pooled_w)
+            if not finite:
+                out[k] = np.nan
+                continue
+            if not _box_taps(x1, y1, bw, bh, height, width, 0, xi, xv, slopes_x, slopes_x, yi, yv, slopes_y, slopes_y,
+                             False):
+                deferred[k] = True
+                continue
+        base = int(rois[k, 0]) * height * width
         for p in range(pooled_w):
-            count[p] = _nonzero(xi, xv, k, p, at, weight, p * entries)
-        first, last = _rows_read(k, yi, yv, yv, yv, False, used, 0, 0, height)
+            count[p] = _nonzero(xi, xv, t, p, at, weight, p * entries)
+        first, last = _rows_read(t, yi, yv, yv, yv, False, used, 0, 0, height)
         for r in range(first, last + 1):
             if used[r]:
                 used[r] = False
                 for p in range(pooled_w):
                     weigh_taps(rows, p * height + r, pixels, base + r * width, at, weight, p * entries, count[p], zero)
         for q in range(pooled_h):
-            n = _nonzero(yi, yv, k, q, at, weight, pooled_w * entries)
+            n = _nonzero(yi, yv, t, q, at, weight, pooled_w * entries)
             for p in range(pooled_w):
                 weigh_taps(bins, q * pooled_w + p, rows, p * height, at, weight, pooled_w * entries, n, zero)
         for c in range(channels):
@@ -510,16 +545,35 @@ class _Geometry:
                 yield name, chosen, tables
 
 
+def _first_rows(r: np.ndarray, spatial_scale: float, height: int) -> np.ndarray:
+    """About the first pixel row each box reads, from its coordinates ``r`` ([K, 5] float64): it
+    only orders the boxes, so NaN and huge boxes need no care."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.clip(np.nan_to_num(np.floor(r[:, 2] * spatial_scale)), -1, height).astype(np.int64)
+
+
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
+    """Boxes whose bins fit the direct tables, computed per box by the jobs themselves, read the
+    map; the others (none, in the usual cases) then read the integral image."""
     n, c, h, w = input.shape
     k = rois.shape[0]
-    geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS)
+    r = rois.detach().double().contiguous().numpy()
+    order = _row_order(r[:, 0].astype(np.int64), _first_rows(r, spatial_scale, h))
     out = result_tensor((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
+    deferred = np.zeros(k, np.bool_)
+    shapes = [np.empty((1, size, _DIRECT_TAPS), dtype) for size in (pooled_width, pooled_height)
+              for dtype in (np.int64, np.float64)]
     with channels_last_map(input.detach().to(compute_dtype(input.dtype))) as feat, scratch_buffers() as buffer:
-        for name, boxes, (xi, xv, _, _, yi, yv, _, _) in geo.paths():
-            source = feat if name == "map" else _integral_image(feat, buffer)
-            workers.run(_forward, [(source, geo.batch, geo.finite, xi, xv, yi, yv, boxes[lo:hi], out_np)
+        workers.run(_forward, [(feat, r, spatial_scale, True, *shapes, order[lo:hi], deferred, out_np)
+                               for lo, hi in ranges(k, 4 * workers.size())])
+        if deferred.any():
+            geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS)
+            boxes = order[deferred[order]]
+            assert not geo.direct[boxes].any()  # the same test of the same tables
+            xi, xv, _, _, yi, yv, _, _ = geo.integral
+            s = _integral_image(feat, buffer)
+            workers.run(_forward, [(s, r, spatial_scale, False, xi, xv, yi, yv, boxes[lo:hi], deferred, out_np)
                                    for lo, hi in ranges(boxes.size, 4 * workers.size())])
     return out.to(input.dtype)
 
