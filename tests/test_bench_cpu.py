@@ -6,6 +6,7 @@ import ast
 import csv
 
 import pytest
+import torch
 
 from roialign import _bench
 
@@ -40,3 +41,21 @@ def test_ratios_are_paired_round_by_round():
     # Each row keeps its rounds, in ms, beside the median.
     row = _bench._times([0.001, 0.003, 0.002], None)
     assert row == dict(fwd_ms=2.0, fwd_bwd_ms=None, fwd_runs=[1.0, 3.0, 2.0], fwd_bwd_runs=None)
+
+
+def test_a_workloads_dtypes_share_one_round_robin(tmp_path, capsys, monkeypatch):
+    # Every dtype's rows come from the same rounds, so a half type's time over float32's is paired.
+    out = tmp_path / "cpu.csv"
+    calls = []
+    timed = _bench._time_once
+    monkeypatch.setattr(_bench, "_time_once", lambda fn, x, rois, bwd: calls.append(x.dtype) or timed(fn, x, rois, bwd))
+    _bench.main(["--workloads", "adaptive", "--repeats", "2", "--threads", "1", "--dtypes", "float32,bfloat16",
+                 "--providers", "ours-numba", "--csv", str(out)])
+    rows = {row["dtype"]: row for row in csv.DictReader(out.open())}
+    assert set(rows) == {"float32", "bfloat16"}
+    for row in rows.values():
+        assert len(ast.literal_eval(row["fwd_runs"])) == 2 and len(ast.literal_eval(row["fwd_bwd_runs"])) == 2
+    printed = capsys.readouterr().out
+    assert "/ f32 fwd" in printed and "paired by round" in printed
+    # a warm-up round and two timed ones, each: float32 forward, forward+backward, then bfloat16's
+    assert calls == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16] * 3

@@ -1,7 +1,8 @@
 """CPU benchmark: our backends against torchvision and onnxruntime, same data, same threads.
 
-Providers are timed round-robin (one repeat of each in turn) so that drifts in machine load
-hit all of them alike; each reports the median. Every provider's forward output is compared
+Providers are timed round-robin (one repeat of each in turn; for ``roi_align``, of each provider
+in each dtype of a workload) so that drifts in machine load hit all of them alike; each reports
+the median, and ratios are medians of the rounds' ratios. Every provider's forward output is compared
 with the ``numba`` backend's in the same run, and ``numba`` with the ``reference`` backend.
 Run ``python benchmarks/bench_cpu.py --help`` for the full version, ``python -m roialign bench``
 for a short one.
@@ -213,15 +214,14 @@ def print_ratio_table(rows: list[dict], peer: str, base: str, base_label: str) -
     print(f"\n'x tv' = {peer}'s time / this time; '/ {base_label}' = this time / {base}'s time")
 
 
-def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats: int, aligned: bool,
-                   quick: bool, only: set[str] | None = None) -> list[dict]:
-    torch.set_num_threads(threads)
+def _prepare(workload: Workload, dtype: torch.dtype, threads: int, aligned: bool, quick: bool,
+             only: set[str] | None) -> tuple[dict, dict, torch.Tensor, dict]:
+    """(providers, their inputs, boxes, max abs differences) of one workload in one dtype: every
+    provider's forward checked against ours, ours against the reference, in the same run."""
     x, rois = workload.data(dtype)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     providers = _providers(workload, aligned, threads, quick, dtype, only)
     inputs = {name: (x_cl if "channels_last" in name else x) for name in providers}
-
-    # Correctness in the same run: every provider's forward against ours, ours against the reference.
     with roialign.use_backend("numba"):
         ours = roialign.roi_align(x, rois, workload.out, workload.scale, workload.sampling_ratio, aligned)
     check = {}
@@ -236,24 +236,38 @@ def bench_workload(workload: Workload, dtype: torch.dtype, threads: int, repeats
     if quick:
         reference = _ours("reference", workload, aligned)(x[:, :8].contiguous(), rois)
         check["ours-reference"] = float((reference.double() - ours[:, :8].double()).abs().max())
-        del reference
+    return providers, inputs, rois, check
 
-    timings: dict[tuple[str, bool], list[float]] = {}
-    modes = [(name, bwd) for name, (_, has_bwd) in providers.items() for bwd in ((False, True) if has_bwd else (False,))]
-    for name, bwd in modes:  # warm-up: compilation, caches, page mappings
-        _time_once(providers[name][0], inputs[name], rois, bwd)
+
+def bench_workload(workload: Workload, dtypes: list[torch.dtype], threads: int, repeats: int, aligned: bool,
+                   quick: bool, only: set[str] | None = None) -> list[dict]:
+    """Rows of every provider in every dtype of ``dtypes``, all timed in one round robin, so that
+    a ratio between dtypes (a half type's time over float32's) is paired by round as well."""
+    torch.set_num_threads(threads)
+    prepared = {dtype: _prepare(workload, dtype, threads, aligned, quick, only) for dtype in dtypes}
+    timings: dict[tuple, list[float]] = {}
+    modes = [(dtype, name, bwd) for dtype, (providers, _, _, _) in prepared.items()
+             for name, (_, has_bwd) in providers.items() for bwd in ((False, True) if has_bwd else (False,))]
+
+    def once(dtype, name, bwd):
+        providers, inputs, rois, _ = prepared[dtype]
+        return _time_once(providers[name][0], inputs[name], rois, bwd)
+    for mode in modes:  # warm-up: compilation, caches, page mappings
+        once(*mode)
     for _ in range(repeats):
-        for name, bwd in modes:
-            timings.setdefault((name, bwd), []).append(_time_once(providers[name][0], inputs[name], rois, bwd))
+        for mode in modes:
+            timings.setdefault(mode, []).append(once(*mode))
     rows = []
-    for name in providers:
-        rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
-                         provider=name, **_times(timings[(name, False)], timings.get((name, True))),
-                         max_abs_diff_vs_numba=check[name]))
-    if quick:
-        rows.append(dict(workload=workload.name, dtype=str(dtype).replace("torch.", ""), threads=threads,
-                         provider="ours-reference (8 channels, check only)", fwd_ms=None, fwd_bwd_ms=None,
-                         max_abs_diff_vs_numba=check["ours-reference"]))
+    for dtype, (providers, _, _, check) in prepared.items():
+        name_of = str(dtype).replace("torch.", "")
+        for name in providers:
+            rows.append(dict(workload=workload.name, dtype=name_of, threads=threads, provider=name,
+                             **_times(timings[(dtype, name, False)], timings.get((dtype, name, True))),
+                             max_abs_diff_vs_numba=check[name]))
+        if quick:
+            rows.append(dict(workload=workload.name, dtype=name_of, threads=threads,
+                             provider="ours-reference (8 channels, check only)", fwd_ms=None, fwd_bwd_ms=None,
+                             max_abs_diff_vs_numba=check["ours-reference"]))
     return rows
 
 
@@ -263,7 +277,8 @@ def _print_table(rows: list[dict]) -> None:
     with_ipex = any(r["provider"].startswith("ipex") for r in rows)
     peer = "ipex" if with_ipex else "tv"
     header = (f"{'workload':<14} {'dtype':<8} {'thr':>3} {'provider':<26} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-              f"{'x ' + peer + ' fwd':>10} {'x ' + peer + ' f+b':>10} {'max diff':>9}")
+              f"{'x ' + peer + ' fwd':>10} {'x ' + peer + ' f+b':>10} {'/ f32 fwd':>9} {'/ f32 f+b':>9} "
+              f"{'max diff':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -272,14 +287,19 @@ def _print_table(rows: list[dict]) -> None:
         else:
             tv = found.get(at(r, "torchvision"))
 
-        def ratio(key):
-            value = None if tv is None else paired_ratio(tv, r, key)
+        f32 = found.get((r["workload"], "float32", r["threads"], r["provider"]))
+
+        def ratio(key, a=tv, b=r):
+            value = None if a is None or b is None else paired_ratio(a, b, key)
             return "-" if value is None else f"{value:.2f}"
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         print(f"{r['workload']:<14} {r['dtype']:<8} {r['threads']:>3} {r['provider']:<26} {fmt(r['fwd_ms']):>9} "
-              f"{fmt(r['fwd_bwd_ms']):>11} {ratio('fwd_ms'):>10} {ratio('fwd_bwd_ms'):>10} {r['max_abs_diff_vs_numba']:>9.1e}")
+              f"{fmt(r['fwd_bwd_ms']):>11} {ratio('fwd_ms'):>10} {ratio('fwd_bwd_ms'):>10} "
+              f"{ratio('fwd_ms', r, f32):>9} {ratio('fwd_bwd_ms', r, f32):>9} {r['max_abs_diff_vs_numba']:>9.1e}")
+    print("\n'/ f32' = this time / the same provider's float32 time, paired by round (a workload's dtypes "
+          "are timed in one round robin)")
     if with_ipex:
-        print("\n'x ipex' = IPEX's time on the same layout / this time (IPEX replaces torchvision's roi_align "
+        print("'x ipex' = IPEX's time on the same layout / this time (IPEX replaces torchvision's roi_align "
               "once imported, so this run has no torchvision row)")
 
 
@@ -318,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"roialign {roialign.__version__}; torch {torch.__version__}; numpy {np.__version__}; "
           f"python {platform.python_version()}; {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d')}")
-    print(f"aligned={args.aligned}, median of {repeats}, providers timed round-robin; "
+    print(f"aligned={args.aligned}, median of {repeats}, providers timed round-robin"
+          f"{' (a workload in all its dtypes)' if args.op == 'roi_align' else ''}; "
           f"'x tv' = torchvision time / provider time, the median over rounds of that round's ratio")
     # What roialign.warmup() does on this host: the faster order of the NCHW <-> channels-last copies.
     torch.set_num_threads(threads[0])
@@ -329,7 +350,11 @@ def main(argv: list[str] | None = None) -> None:
           f"planes: {'tiled' if copies['aliased'] else 'streaming'} (1 x 64 x 128 x 128: tiled "
           f"{copies['aliased_tiled_s'] * 1e3:.2f} ms, streaming {copies['aliased_streaming_s'] * 1e3:.2f} ms)\n")
     rows = []
-    for dtype in dtypes:
+    if args.op == "roi_align":  # a workload's dtypes in one round robin
+        for t in threads:
+            for workload in workloads:
+                rows += bench_workload(workload, dtypes, t, repeats, args.aligned == "true", args.quick, only)
+    for dtype in dtypes if args.op != "roi_align" else []:
         for t in threads:
             for workload in workloads:
                 if args.op == "rotated":
@@ -338,11 +363,9 @@ def main(argv: list[str] | None = None) -> None:
                 elif args.op == "max":
                     from . import _bench_max
                     rows += _bench_max.bench_workload(workload, dtype, t, repeats, args.quick, only)
-                elif args.op == "prroi":
+                else:
                     from . import _bench_prroi
                     rows += _bench_prroi.bench_workload(workload, dtype, t, repeats, args.quick, only)
-                else:
-                    rows += bench_workload(workload, dtype, t, repeats, args.aligned == "true", args.quick, only)
     if args.op == "rotated":
         print_ratio_table(rows, "torchvision (axis-aligned)", "ours-numba (axis-aligned)", "axis")
     elif args.op == "max":
