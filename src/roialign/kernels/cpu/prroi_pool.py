@@ -280,7 +280,8 @@ def _forward(s, rois, spatial_scale, direct, xi, xv, yi, yv, boxes, deferred, ou
     if direct:
         xi, xv = np.empty((1, pooled_w, xi.shape[2]), np.int64), np.empty((1, pooled_w, xi.shape[2]))
         yi, yv = np.empty((1, pooled_h, yi.shape[2]), np.int64), np.empty((1, pooled_h, yi.shape[2]))
-    slopes_x, slopes_y = np.empty(xv.shape), np.empty(yv.shape)  # the tables' unused derivative slots
+    # the direct tables' derivative slots, which the forward does not read
+    slopes_x, slopes_y = np.empty((1, pooled_w, xi.shape[2])), np.empty((1, pooled_h, yi.shape[2]))
     rows = np.empty((pooled_w * height, channels), s.dtype)  # [p * H + r]: row r through bin column p
     bins = np.empty((pooled_h * pooled_w, channels + ROW_PAD), s.dtype)  # read by columns at the end
     used = np.zeros(height, np.bool_)
