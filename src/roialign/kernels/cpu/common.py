@@ -539,8 +539,9 @@ class _Results(_Scratch):
     # Two at first: too few once results of several sizes take turns (a forward's output and an
     # input gradient per pyramid level, or one workload in several dtypes): a float32 output took
     # the idle buffer of a float64 one twice its size, and every float64 call then faulted in
-    # fresh pages (train-P3, float32 and float64 alternating: 98 MB outputs faulted in 7 times in
-    # 11 calls; float64's NCHW forward 3.0x float32's time against 1.7x with four kept).
+    # fresh pages (train-P3 in four dtypes in one round robin, NCHW, 3 rounds: float64's 98 MB
+    # outputs were faulted in for 7 of its 10 calls with two kept, 3 with four, the first ones;
+    # float64's forward 3.0x float32's time, against 1.7x with four kept).
     _KEEP = 4
     # 8 MiB at first; lowered because mid-sized results paid for their pages too, once other
     # operators ran between our calls (as in a model, or in the benchmark's round robin, where
