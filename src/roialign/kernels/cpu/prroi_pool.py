@@ -12,8 +12,8 @@ when some box needs it. Either way a table entry is one contiguous run of channe
   computes its pixel tables itself (a separate pass over the boxes, with tables for all of
   them in memory, took about a fifth of the adaptive forward); only boxes too wide for those
   tables go through the geometry pass, afterwards. Per box, each row the bins read is summed
-  along x once for every bin column, then the bins sum their rows, four entries per pass
-  (``common.weigh_taps``). The sums are in the source's dtype: float64 through
+  along x once for every bin column, then the bins sum their rows, four entries per pass,
+  each pass over a whole bin column (or bin row). The sums are in the source's dtype: float64 through
   the integral image; through the map, float32 unless the input is float64 (as in RoIAlign).
 - input gradient: the same two steps transposed, band by band of rows from the bottom, into
   the band's gradient (boxes that read the map) or the band's integral-image gradient, whose
@@ -34,8 +34,9 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, empty, result_tensor, scratch_buffers, weigh_taps,
+from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, empty, result_tensor, scratch_buffers,
                      wide_vectors)
+from .half_types import widen
 from .threads import BAND_BYTES, ranges, workers
 
 
@@ -262,6 +263,46 @@ def _spread_rows(grad, k, yi, yv, shift, r0, r1, first, last, used, c0, spread):
                         spread[r - r0, p, c] += cy * grad[k, i, c0 + c]
 
 
+@numba.njit(inline="always", **JIT)
+def _weigh_strided(acc, i0, src, s0, stride, used, first, last, at, weight, n, zero):
+    """For each ``j`` in ``[first, last]`` marked in ``used``: ``acc[i0 + j] = zero + w[0] *
+    src[s0 + j * stride + at[0]] + ... + w[n - 1] * src[s0 + j * stride + at[n - 1]]`` (over
+    ``src``'s channels), added left to right as in ``common.weigh_taps``, four entries per pass
+    (the same additions, so the same bits). Each pass goes over every ``j``, so the entries are
+    read once, not once per ``j``, and the first pass stores instead of adding to a cleared row.
+    Rows pass: one bin column's sums along x of the box's pixel rows; bins pass: one bin row's
+    sums of those. (A ``weigh_taps`` call per row and bin column took 1.08-1.15x the time on
+    the adaptive and mask-14 forwards.)"""
+    channels = src.shape[1]
+    e = 0
+    while e < max(n, 1):
+        m = min(n - e, 4)
+        pa, pb, pc, pd = at[e], at[e + 1], at[e + 2], at[e + 3]
+        wa, wb, wc, wd = weight[e], weight[e + 1], weight[e + 2], weight[e + 3]
+        for j in range(first, last + 1):
+            if used[j]:
+                o, i = s0 + j * stride, i0 + j
+                if m >= 4:
+                    for c in range(channels):
+                        acc[i, c] = ((acc[i, c] if e else zero) + wa * widen(src[o + pa, c])
+                                     + wb * widen(src[o + pb, c]) + wc * widen(src[o + pc, c])
+                                     + wd * widen(src[o + pd, c]))
+                elif m == 3:
+                    for c in range(channels):
+                        acc[i, c] = ((acc[i, c] if e else zero) + wa * widen(src[o + pa, c])
+                                     + wb * widen(src[o + pb, c]) + wc * widen(src[o + pc, c]))
+                elif m == 2:
+                    for c in range(channels):
+                        acc[i, c] = (acc[i, c] if e else zero) + wa * widen(src[o + pa, c]) + wb * widen(src[o + pb, c])
+                elif m == 1:
+                    for c in range(channels):
+                        acc[i, c] = (acc[i, c] if e else zero) + wa * widen(src[o + pa, c])
+                else:
+                    for c in range(channels):
+                        acc[i, c] = zero
+        e += 4
+
+
 @numba.njit(**JIT)
 def _forward(s, rois, spatial_scale, direct, xi, xv, yi, yv, boxes, deferred, out):
     """Boxes ``boxes``: ``out[k, c, q * PW + p]``. Per box, each row the bins read is first
@@ -286,10 +327,10 @@ def _forward(s, rois, spatial_scale, direct, xi, xv, yi, yv, boxes, deferred, ou
     bins = np.empty((pooled_h * pooled_w, channels + ROW_PAD), s.dtype)  # read by columns at the end
     used = np.zeros(height, np.bool_)
     entries = max(xi.shape[2], yi.shape[2])
-    # Each bin column's nonzero entries, then a bin row's, ``entries`` apart.
-    at = np.empty((pooled_w + 1) * entries, np.int64)
-    weight = np.empty((pooled_w + 1) * entries, s.dtype)
-    count = np.empty(pooled_w, np.int64)
+    # a bin column's or a bin row's nonzero entries
+    at = np.empty(entries + 3, np.int64)
+    weight = np.empty(entries + 3, s.dtype)
+    columns = np.ones(pooled_w, np.bool_)
     zero = np.zeros(1, s.dtype)[0]
     for k in boxes:
         t = k  # the box's row of the tables
@@ -304,18 +345,15 @@ def _forward(s, rois, spatial_scale, direct, xi, xv, yi, yv, boxes, deferred, ou
                 deferred[k] = True
                 continue
         base = int(rois[k, 0]) * height * width
-        for p in range(pooled_w):
-            count[p] = _nonzero(xi, xv, t, p, at, weight, p * entries)
         first, last = _rows_read(t, yi, yv, yv, yv, False, used, 0, 0, height)
+        for p in range(pooled_w):
+            n = _nonzero(xi, xv, t, p, at, weight, 0)
+            _weigh_strided(rows, p * height, pixels, base, width, used, first, last, at, weight, n, zero)
         for r in range(first, last + 1):
-            if used[r]:
-                used[r] = False
-                for p in range(pooled_w):
-                    weigh_taps(rows, p * height + r, pixels, base + r * width, at, weight, p * entries, count[p], zero)
+            used[r] = False
         for q in range(pooled_h):
-            n = _nonzero(yi, yv, t, q, at, weight, pooled_w * entries)
-            for p in range(pooled_w):
-                weigh_taps(bins, q * pooled_w + p, rows, p * height, at, weight, pooled_w * entries, n, zero)
+            n = _nonzero(yi, yv, t, q, at, weight, 0)
+            _weigh_strided(bins, q * pooled_w, rows, 0, height, columns, 0, pooled_w - 1, at, weight, n, zero)
         for c in range(channels):
             for i in range(pooled_h * pooled_w):
                 out[k, c, i] = bins[i, c]
