@@ -584,11 +584,19 @@ class _Geometry:
                 yield name, chosen, tables
 
 
-def _first_rows(r: np.ndarray, spatial_scale: float, height: int) -> np.ndarray:
-    """About the first pixel row each box reads, from its coordinates ``r`` ([K, 5] float64): it
-    only orders the boxes, so NaN and huge boxes need no care."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return np.clip(np.nan_to_num(np.floor(r[:, 2] * spatial_scale)), -1, height).astype(np.int64)
+@numba.njit(**JIT)
+def _box_order(r, spatial_scale, height):
+    """The boxes (coordinates ``r``, [K, 5] float64, batch indices already checked) by image,
+    then by about the first pixel row they read, as :func:`_row_order` orders them. Compiled: the
+    NumPy steps took 14 µs against 5 in a loop (200 boxes), and more in a call, between other
+    operators; adaptive's whole forward, each call after a roi_align forward+backward, took
+    0.92-0.96 of the time. It only orders the boxes, so NaN and huge boxes need no care."""
+    key = np.empty(r.shape[0], np.int64)
+    for k in range(r.shape[0]):
+        top = np.floor(r[k, 2] * spatial_scale)
+        top = min(max(0.0 if np.isnan(top) else top, -1.0), float(height))
+        key[k] = int(r[k, 0]) * (height + 2) + int(top) + 1
+    return np.argsort(key, kind="mergesort")
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
@@ -597,7 +605,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     n, c, h, w = input.shape
     k = rois.shape[0]
     r = rois.detach().double().contiguous().numpy()
-    order = _row_order(r[:, 0].astype(np.int64), _first_rows(r, spatial_scale, h))
+    order = _box_order(r, spatial_scale, h)
     out = result_tensor((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     deferred = np.zeros(k, np.bool_)
