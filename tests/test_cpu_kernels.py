@@ -402,6 +402,20 @@ def test_layout_copy_order_follows_the_plane_stride(monkeypatch):
         assert seen[-2:] == [{want}, {want}], (h, w, dtype)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_counting_order_is_a_stable_sort_of_the_non_negative_keys(seed):
+    """The row order of the forwards: the same permutation as NumPy's stable sort, negative keys
+    (boxes with nothing to pool) left out."""
+    from roialign.kernels.cpu.common import counting_order
+
+    rng = np.random.default_rng(seed)
+    key = rng.integers(-1, [1, 3, 40, 1000][seed], size=[0, 7, 300, 5000][seed]).astype(np.int64)
+    expected = np.argsort(key, kind="stable")
+    expected = expected[key[expected] >= 0]
+    got = counting_order(key)
+    assert got.dtype == np.int64 and np.array_equal(got, expected)
+
+
 def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():
     """The channels-last copy of an NCHW map goes to a scratch buffer that later calls reuse:
     a result computed before must not change, maps of other sizes must not see stale data,

@@ -295,6 +295,29 @@ def weigh_taps(acc, i, pixels, base, at, weight, first, n, zero):
 
 
 @numba.njit(**JIT)
+def counting_order(key):
+    """The indices ``i`` with ``key[i] >= 0``, by key, ties in index order: a stable counting sort
+    of small non-negative keys (an image's pixel row), in place of a NumPy sort and filter
+    whose few calls cost as much as the sorting on a small problem."""
+    bound = 0
+    for v in key:
+        bound = max(bound, v + 1)
+    start = np.zeros(bound + 1, np.int64)
+    for v in key:
+        if v >= 0:
+            start[v + 1] += 1
+    for v in range(bound):
+        start[v + 1] += start[v]
+    order = np.empty(start[bound], np.int64)
+    for i in range(key.size):
+        v = key[i]
+        if v >= 0:
+            order[start[v]] = i
+            start[v] += 1
+    return order
+
+
+@numba.njit(**JIT)
 def transpose_boxes(grad, lo, hi, grad_t):
     """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C] (half bit
     patterns copied into the same half format, else widened to float32)."""

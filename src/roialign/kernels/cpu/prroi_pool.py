@@ -34,8 +34,8 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, empty, result_tensor, scratch_buffers,
-                     wide_vectors)
+from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, counting_order, empty, result_tensor,
+                     scratch_buffers, wide_vectors)
 from .half_types import widen
 from .threads import BAND_BYTES, ranges, workers
 
@@ -596,7 +596,7 @@ def _box_order(r, spatial_scale, height):
         top = np.floor(r[k, 2] * spatial_scale)
         top = min(max(0.0 if np.isnan(top) else top, -1.0), float(height))
         key[k] = int(r[k, 0]) * (height + 2) + int(top) + 1
-    return np.argsort(key, kind="mergesort")
+    return counting_order(key)
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:

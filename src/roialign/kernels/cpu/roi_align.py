@@ -31,7 +31,8 @@ from torch import Tensor
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
 from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, box_jobs, channel_runs,
-                     channels_last_map, result_tensor, store_band, visible_samples, weigh_taps, wide_vectors)
+                     channels_last_map, counting_order, result_tensor, store_band, visible_samples, weigh_taps,
+                     wide_vectors)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 from .threads import TAP_BAND_BYTES, band_rows, ranges, workers
 
@@ -489,9 +490,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         workers.run(_row_order_taps, [(geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
                                        pooled_width, h, w, n, T, yi, yw, yn, xi, xw, xn, count, batch, key, out_np)
                                       for lo, hi in parts])
-        key = key.reshape(-1)
-        items = np.argsort(key, kind="stable")
-        items = items[key[items] >= 0]
+        items = counting_order(key.reshape(-1))
         workers.run(_forward_rows, [(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out_np, grouped)
                                     for lo, hi in ranges(items.size, 4 * workers.size())])
     return out
