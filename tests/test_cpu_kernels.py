@@ -416,6 +416,24 @@ def test_counting_order_is_a_stable_sort_of_the_non_negative_keys(seed):
     assert got.dtype == np.int64 and np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_order_sorts_every_box_by_image_then_first_row(dtype):
+    """The order in which the box-by-box kernels take the boxes: all of them, once, by image then
+    by the first row they read (ties in index order), whatever their coordinates."""
+    from roialign.kernels.cpu.common import row_order
+
+    rng = np.random.default_rng(0)
+    boxes = np.column_stack([rng.integers(0, 3, 200), rng.uniform(-20, 60, (200, 4))]).astype(dtype)
+    boxes[:5, 2] = [np.nan, np.inf, -np.inf, 1e30, -1e30]
+    boxes[5:8, 0] = [-1, 7, np.nan]  # out of range: clamped into the key (the kernels skip them)
+    order = row_order(boxes, 0.5, 3, 40)
+    assert sorted(order.tolist()) == list(range(200))
+    image = np.clip(np.nan_to_num(np.floor(boxes[:, 0].astype(np.float64))), 0, 2)
+    with np.errstate(invalid="ignore"):
+        top = np.clip(np.nan_to_num(np.floor(boxes[:, 2].astype(np.float64) * 0.5), nan=0.0, posinf=40, neginf=-1), -1, 40)
+    assert np.array_equal(order, np.lexsort((np.arange(200), top, image)))
+
+
 def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():
     """The channels-last copy of an NCHW map goes to a scratch buffer that later calls reuse:
     a result computed before must not change, maps of other sizes must not see stale data,

@@ -318,6 +318,22 @@ def counting_order(key):
 
 
 @numba.njit(**JIT)
+def row_order(boxes, spatial_scale, images, height):
+    """Every box (``boxes`` [K, 5]: image, x1, y1, x2, y2) by image, then by about the first pixel
+    row it reads, ties in index order: consecutive boxes of a job read nearby rows, still in
+    cache, and one image's map at a time. It only orders the boxes, so an image index out of
+    range, NaN and huge coordinates are just clamped into the key."""
+    key = np.empty(boxes.shape[0], np.int64)
+    for k in range(boxes.shape[0]):
+        b = np.floor(boxes[k, 0])
+        b = min(max(0.0 if np.isnan(b) else b, 0.0), images - 1.0)
+        top = np.floor(boxes[k, 2] * spatial_scale)
+        top = min(max(0.0 if np.isnan(top) else top, -1.0), float(height))
+        key[k] = int(b) * (height + 2) + int(top) + 1
+    return counting_order(key)
+
+
+@numba.njit(**JIT)
 def transpose_boxes(grad, lo, hi, grad_t):
     """``grad_t[k] = grad[k].T`` for boxes ``[lo, hi)``: [K, C, B] to [K, B, C] (half bit
     patterns copied into the same half format, else widened to float32)."""

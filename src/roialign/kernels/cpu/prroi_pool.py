@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, counting_order, empty, result_tensor,
+from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, empty, result_tensor, row_order,
                      scratch_buffers, wide_vectors)
 from .half_types import widen
 from .threads import BAND_BYTES, ranges, workers
@@ -584,28 +584,13 @@ class _Geometry:
                 yield name, chosen, tables
 
 
-@numba.njit(**JIT)
-def _box_order(r, spatial_scale, height):
-    """The boxes (coordinates ``r``, [K, 5] float64, batch indices already checked) by image,
-    then by about the first pixel row they read, as :func:`_row_order` orders them. Compiled: the
-    NumPy steps took 14 µs against 5 in a loop (200 boxes), and more in a call, between other
-    operators; adaptive's whole forward, each call after a roi_align forward+backward, took
-    0.92-0.96 of the time. It only orders the boxes, so NaN and huge boxes need no care."""
-    key = np.empty(r.shape[0], np.int64)
-    for k in range(r.shape[0]):
-        top = np.floor(r[k, 2] * spatial_scale)
-        top = min(max(0.0 if np.isnan(top) else top, -1.0), float(height))
-        key[k] = int(r[k, 0]) * (height + 2) + int(top) + 1
-    return counting_order(key)
-
-
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
     """Boxes whose bins fit the direct tables, computed per box by the jobs themselves, read the
     map; the others (none, in the usual cases) then read the integral image."""
     n, c, h, w = input.shape
     k = rois.shape[0]
     r = rois.detach().double().contiguous().numpy()
-    order = _box_order(r, spatial_scale, h)
+    order = row_order(r, spatial_scale, n, h)
     out = result_tensor((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     deferred = np.zeros(k, np.bool_)
