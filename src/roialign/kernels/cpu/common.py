@@ -258,39 +258,42 @@ def weigh_taps(acc, i, pixels, base, at, weight, first, n, zero):
     at[n - 1], c]`` for every channel ``c``, where ``at`` and ``w`` are ``at[first:]`` and
     ``weight[first:]``, added left to right (half bit patterns widened).
 
-    The row is cleared, then each pass over the channels adds the next four entries (or the last
-    two, or the last one): the same additions, rounded alike, as one entry per pass, with the row
-    loaded and stored a quarter as often. (``zero`` is stored, not added: ``zero + x`` rounds
-    exactly as ``x`` would be added to a cleared row.)
+    Each pass over the channels adds the next four entries (or the last two, or the last one):
+    the same additions, rounded alike, as one entry per pass, with the row loaded and stored a
+    quarter as often. The first pass stores ``zero + ...`` instead of adding to a cleared row
+    (the same rounding; with no entries the row is ``zero``): clearing it first was a ``memset``
+    call per bin (1 KB for 256 float32 channels), seen with ``perf``.
 
-    Keep the shape of this helper: one loop of passes after the clearing, no ``return``, no
-    branch around the loops. Numba inlines it with a reference count taken on each array it is
-    given and dropped at each exit; in this shape LLVM removes both, while a helper that first
-    branched on ``n`` kept them: eight atomic operations per call. In a loop of calls on cached
-    data, 64 channels and one to four entries, that took 2-5x as long (``tests/test_cpu_kernels.py``
-    checks the compiled kernels' loops)."""
+    Keep the shape of this helper: one loop of passes, no ``return``, no branch around the
+    loop. Numba inlines it with a reference count taken on each array it is given and dropped
+    at each exit; in this shape LLVM removes both, while a helper that first branched on ``n``
+    kept them: eight atomic operations per call. In a loop of calls on cached data, 64 channels
+    and one to four entries, that took 2-5x as long (``tests/test_cpu_kernels.py`` checks the
+    compiled kernels' loops)."""
     channels = pixels.shape[1]
-    for c in range(channels):
-        acc[i, c] = zero
     e = first
     end = first + n
-    while e < end:
+    while e < max(end, first + 1):
         if end - e >= 4:
             pa, pb, pc, pd = base + at[e], base + at[e + 1], base + at[e + 2], base + at[e + 3]
             wa, wb, wc, wd = weight[e], weight[e + 1], weight[e + 2], weight[e + 3]
             for c in range(channels):
-                acc[i, c] = (acc[i, c] + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
-                             + wc * widen(pixels[pc, c]) + wd * widen(pixels[pd, c]))
+                acc[i, c] = ((acc[i, c] if e > first else zero) + wa * widen(pixels[pa, c])
+                             + wb * widen(pixels[pb, c]) + wc * widen(pixels[pc, c]) + wd * widen(pixels[pd, c]))
             e += 4
         elif end - e >= 2:
             pa, pb, wa, wb = base + at[e], base + at[e + 1], weight[e], weight[e + 1]
             for c in range(channels):
-                acc[i, c] = acc[i, c] + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
+                acc[i, c] = (acc[i, c] if e > first else zero) + wa * widen(pixels[pa, c]) + wb * widen(pixels[pb, c])
             e += 2
-        else:
+        elif end - e == 1:
             pa, wa = base + at[e], weight[e]
             for c in range(channels):
-                acc[i, c] = acc[i, c] + wa * widen(pixels[pa, c])
+                acc[i, c] = (acc[i, c] if e > first else zero) + wa * widen(pixels[pa, c])
+            e += 1
+        else:
+            for c in range(channels):
+                acc[i, c] = zero
             e += 1
 
 
