@@ -78,8 +78,8 @@ def _axis_taps(start, length, fixed, grid, pooled, size, T, index, weight, d_sta
     ``[pooled, capacity]`` and ``count[p]`` says how many are used. Samples that read the same
     pixel share one tap (their weights add). ``d_*`` are the derivatives of the weight with
     respect to the (scaled) box start and end, holding ``grid`` fixed; 0 unless ``derivatives``
-    (only the box gradient reads them: their two divisions per sample took about half the time
-    of the forward's tap tables)."""
+    (only the box gradient reads them; without their two divisions per sample, adaptive's
+    channels_last forward took 0.90-0.96 of the time)."""
     bin_size = length / T(pooled)
     for p in range(pooled):
         base = start + T(p) * bin_size
