@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
-from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, box_jobs, channel_runs,
+from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, channel_runs,
                      channels_last_map, counting_order, result_tensor, row_order, store_band, visible_samples,
                      weigh_taps, wide_vectors)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
@@ -466,9 +466,9 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     else:
         out = result_tensor((k, c, pooled_height, pooled_width), input.dtype)
         out_np = kernel_array(out.view(k, c, pooled_height * pooled_width))
-    order, parts = box_jobs(k)
-    if not channels_last_out:  # box by box: in row order
-        order = row_order(geometry, spatial_scale, input.shape[0], input.shape[2])
+    # Box by box, in row order (the bin-row order builds its own); each box is pooled alone, so
+    # the order never changes a result.
+    order, parts = row_order(geometry, spatial_scale, input.shape[0], input.shape[2]), ranges(k, 4 * workers.size())
     if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
         workers.run(_forward_nchw, [(kernel_array(x.contiguous()), geometry, order, lo, hi, spatial_scale, aligned,
                                      sampling_ratio, pooled_height, pooled_width, T, out_np) for lo, hi in parts])
@@ -536,7 +536,7 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     k, c = rois.shape[0], input.shape[1]
     grad_np = kernel_array(grad.detach().contiguous().view(k, c, -1))
     grad_rois = np.zeros((k, 5), dtype=np.float64)
-    order, parts = row_order(geometry, spatial_scale, input.shape[0], input.shape[2]), box_jobs(k)[1]
+    order, parts = row_order(geometry, spatial_scale, input.shape[0], input.shape[2]), ranges(k, 4 * workers.size())
     with channels_last_map(input) as feat:
         workers.run(_backward_rois_nhwc, [(grad_np, feat, geometry, order, lo, hi, spatial_scale, aligned,
                                             sampling_ratio, pooled_height, pooled_width, T, grad_rois)
