@@ -417,21 +417,30 @@ def test_counting_order_is_a_stable_sort_of_the_non_negative_keys(seed):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_row_order_sorts_every_box_by_image_then_first_row(dtype):
-    """The order in which the box-by-box kernels take the boxes: all of them, once, by image then
-    by the first row they read (ties in index order), whatever their coordinates."""
-    from roialign.kernels.cpu.common import row_order
+@pytest.mark.parametrize("width", [50, 200_000])  # a counting sort, then a merge sort of the keys
+def test_band_order_sorts_every_box_by_image_band_then_first_column(dtype, width):
+    """The order in which the box-by-box kernels take the boxes: all of them, once, by image, by
+    band of first rows (as tall as the boxes' mean height, each clamped to [1, H] pixel rows), then
+    by first column (ties in index order), whatever their coordinates."""
+    from roialign.kernels.cpu.common import band_order
 
     rng = np.random.default_rng(0)
     boxes = np.column_stack([rng.integers(0, 3, 200), rng.uniform(-20, 60, (200, 4))]).astype(dtype)
+    boxes[:, 3:] += np.abs(rng.normal(0, 20, (200, 2))).astype(dtype)
     boxes[:5, 2] = [np.nan, np.inf, -np.inf, 1e30, -1e30]
-    boxes[5:8, 0] = [-1, 7, np.nan]  # out of range: clamped into the key (the kernels skip them)
-    order = row_order(boxes, 0.5, 3, 40)
-    assert sorted(order.tolist()) == list(range(200))
-    image = np.clip(np.nan_to_num(np.floor(boxes[:, 0].astype(np.float64))), 0, 2)
-    with np.errstate(invalid="ignore"):
-        top = np.clip(np.nan_to_num(np.floor(boxes[:, 2].astype(np.float64) * 0.5), nan=0.0, posinf=40, neginf=-1), -1, 40)
-    assert np.array_equal(order, np.lexsort((np.arange(200), top, image)))
+    boxes[5:8, 1] = [np.nan, np.inf, -1e30]
+    boxes[8:11, 0] = [-1, 7, np.nan]  # out of range: clamped into the key (the kernels skip them)
+    order = band_order(boxes, 0.5, 3, 40, width)
+    assert order.dtype == np.int64 and sorted(order.tolist()) == list(range(200))
+    b64 = boxes.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        heights = (b64[:, 4] - b64[:, 2]) * 0.5
+        band = max(1, int(np.clip(heights[np.isfinite(heights)], 1, 40).mean()))
+        image = np.clip(np.nan_to_num(np.floor(b64[:, 0])), 0, 2)
+        top = np.clip(np.nan_to_num(np.floor(b64[:, 2] * 0.5), nan=0.0, posinf=40, neginf=-1), -1, 40)
+        left = np.clip(np.nan_to_num(np.floor(b64[:, 1] * 0.5), nan=0.0, posinf=width, neginf=-1), -1, width)
+    assert 1 < band < 40
+    assert np.array_equal(order, np.lexsort((np.arange(200), left, (top + 1) // band, image)))
 
 
 def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():

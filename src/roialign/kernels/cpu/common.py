@@ -300,8 +300,8 @@ def weigh_taps(acc, i, pixels, base, at, weight, first, n, zero):
 @numba.njit(**JIT)
 def counting_order(key):
     """The indices ``i`` with ``key[i] >= 0``, by key, ties in index order: a stable counting sort
-    of small non-negative keys (an image's pixel row), in place of a NumPy sort and filter
-    whose few calls cost as much as the sorting on a small problem."""
+    of small non-negative keys (an image's pixel row, or band and column), in place of a NumPy
+    sort and filter whose few calls cost as much as the sorting on a small problem."""
     bound = 0
     for v in key:
         bound = max(bound, v + 1)
@@ -321,19 +321,41 @@ def counting_order(key):
 
 
 @numba.njit(**JIT)
-def row_order(boxes, spatial_scale, images, height):
-    """Every box (``boxes`` [K, 5]: image, x1, y1, x2, y2) by image, then by about the first pixel
-    row it reads, ties in index order: consecutive boxes of a job read nearby rows, still in
-    cache, and one image's map at a time. It only orders the boxes, so an image index out of
-    range, NaN and huge coordinates are just clamped into the key."""
-    key = np.empty(boxes.shape[0], np.int64)
-    for k in range(boxes.shape[0]):
+def band_order(boxes, spatial_scale, images, height, width):
+    """Every box (``boxes`` [K, 5]: image, x1, y1, x2, y2) by image, then by band of first rows
+    read, then by first column read, ties in index order: the order of the box-by-box kernels.
+    A band is as tall as the boxes are on average (in pixel rows, each clamped to [1, H]), so
+    that consecutive boxes of a job overlap in both directions and read pixels still in cache.
+    It only orders the boxes, so an image index out of range, NaN and huge coordinates are just
+    clamped into the key, and no result depends on it.
+
+    It replaced an order by image and first row alone, under which consecutive boxes could lie
+    at opposite ends of a row. Measured (AMD EPYC, 2 threads, median of 9 alternations in one
+    process, bit-identical results): RoIAlign's NCHW forward on boxhead-P2 took 0.84-0.89 of
+    the time in float64 (a 111 MB map, over the 32 MB L3; bands of 16-64 rows were all as good),
+    0.93-1.00 in float32 and the half types, 0.93 on adaptive and 0.97-1.00 elsewhere;
+    PrRoIPool's forward 0.84-0.97; the box gradient 0.95-1.00."""
+    k_all = boxes.shape[0]
+    total, counted = 0.0, 0
+    for k in range(k_all):
+        h = (boxes[k, 4] - boxes[k, 2]) * spatial_scale
+        if np.isfinite(h):
+            total += min(max(h, 1.0), float(height))
+            counted += 1
+    band = max(1, int(total / counted)) if counted else 1
+    bands = (height + 2) // band + 1
+    key = np.empty(k_all, np.int64)
+    for k in range(k_all):
         b = np.floor(boxes[k, 0])
         b = min(max(0.0 if np.isnan(b) else b, 0.0), images - 1.0)
         top = np.floor(boxes[k, 2] * spatial_scale)
         top = min(max(0.0 if np.isnan(top) else top, -1.0), float(height))
-        key[k] = int(b) * (height + 2) + int(top) + 1
-    return counting_order(key)
+        left = np.floor(boxes[k, 1] * spatial_scale)
+        left = min(max(0.0 if np.isnan(left) else left, -1.0), float(width))
+        key[k] = ((int(b) * bands + (int(top) + 1) // band) * (width + 2)) + int(left) + 1
+    if images * bands * (width + 2) <= 4 * k_all + (1 << 16):  # the same order, ten times faster
+        return counting_order(key)
+    return np.argsort(key, kind="mergesort")
 
 
 @numba.njit(**JIT)

@@ -8,7 +8,7 @@ when some box needs it. Either way a table entry is one contiguous run of channe
 
 - integral image: one pass per (image, block of channels), each row adding its running sum to
   the row above.
-- forward: threads take runs of boxes (in row order, for cache reuse), and each box first
+- forward: threads take runs of boxes (in band order, for cache reuse), and each box first
   computes its pixel tables itself (a separate pass over the boxes, with tables for all of
   them in memory, took about a fifth of the adaptive forward); only boxes too wide for those
   tables go through the geometry pass, afterwards. Per box, each row the bins read is summed
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (JIT, ROW_PAD, channel_runs, channels_last_map, empty, result_tensor, row_order,
+from .common import (JIT, ROW_PAD, band_order, channel_runs, channels_last_map, empty, result_tensor,
                      scratch_buffers, wide_vectors)
 from .half_types import widen
 from .threads import BAND_BYTES, ranges, workers
@@ -590,7 +590,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     n, c, h, w = input.shape
     k = rois.shape[0]
     r = rois.detach().double().contiguous().numpy()
-    order = row_order(r, spatial_scale, n, h)
+    order = band_order(r, spatial_scale, n, h, w)
     out = result_tensor((k, c, pooled_height, pooled_width), compute_dtype(input.dtype))
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     deferred = np.zeros(k, np.bool_)

@@ -30,9 +30,9 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
-from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, bin_run, box_geometry, channel_runs,
-                     channels_last_map, counting_order, result_tensor, row_order, store_band, visible_samples,
-                     weigh_taps, wide_vectors)
+from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, band_order, bin_run, box_geometry, channel_runs,
+                     channels_last_map, counting_order, result_tensor, store_band, visible_samples, weigh_taps,
+                     wide_vectors)
 from .half_types import HALF_TYPES, kernel_array, narrow, widen
 from .threads import TAP_BAND_BYTES, band_rows, ranges, workers
 
@@ -441,6 +441,11 @@ GROUPED_RUN_BYTES = 1024
 ROW_ORDER_TABLE_BYTES = 64 << 20
 
 
+def _image_size(input: Tensor) -> tuple[int, int, int]:
+    """Images, height and width of an [N, C, H, W] map."""
+    return input.shape[0], input.shape[2], input.shape[3]
+
+
 def _planar_is_cheaper(k: int, shape: torch.Size, pooled: int, sampling_ratio: int) -> bool:
     """Reading NCHW directly beats transposing the whole map when there is little work per pixel."""
     n, c, h, w = shape
@@ -466,9 +471,9 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     else:
         out = result_tensor((k, c, pooled_height, pooled_width), input.dtype)
         out_np = kernel_array(out.view(k, c, pooled_height * pooled_width))
-    # Box by box, in row order (the bin-row order builds its own); each box is pooled alone, so
+    # Box by box, in band order (the bin-row order builds its own); each box is pooled alone, so
     # the order never changes a result.
-    order, parts = row_order(geometry, spatial_scale, input.shape[0], input.shape[2]), ranges(k, 4 * workers.size())
+    order, parts = band_order(geometry, spatial_scale, *_image_size(input)), ranges(k, 4 * workers.size())
     if not channels_last and _planar_is_cheaper(k, x.shape, pooled_height * pooled_width, sampling_ratio):
         workers.run(_forward_nchw, [(kernel_array(x.contiguous()), geometry, order, lo, hi, spatial_scale, aligned,
                                      sampling_ratio, pooled_height, pooled_width, T, out_np) for lo, hi in parts])
@@ -536,7 +541,7 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
     k, c = rois.shape[0], input.shape[1]
     grad_np = kernel_array(grad.detach().contiguous().view(k, c, -1))
     grad_rois = np.zeros((k, 5), dtype=np.float64)
-    order, parts = row_order(geometry, spatial_scale, input.shape[0], input.shape[2]), ranges(k, 4 * workers.size())
+    order, parts = band_order(geometry, spatial_scale, *_image_size(input)), ranges(k, 4 * workers.size())
     with channels_last_map(input) as feat:
         workers.run(_backward_rois_nhwc, [(grad_np, feat, geometry, order, lo, hi, spatial_scale, aligned,
                                             sampling_ratio, pooled_height, pooled_width, T, grad_rois)
