@@ -72,3 +72,30 @@ def test_large_results_are_reused_only_once_nothing_shares_them(boxes):
         out.backward(torch.ones_like(out))
         assert torch.equal(again.grad, xg.grad)
         release_scratch()
+
+
+def test_results_pool_keeps_a_pyramid_step_and_no_more():
+    """Idle result buffers stay bounded by ``_KEEP``, and that bound holds an output and an input
+    gradient for each of four pyramid levels: the second training step reuses every one of them."""
+    from roialign.kernels.cpu import common
+
+    levels = [torch.randn(1, 256, 128 // 2**i, 160 // 2**i) for i in range(4)]  # 21 MB down to 0.33 MB
+    boxes = torch.tensor([[0, 2.0, 3.0, 40.0, 30.0]]).repeat(40, 1)
+
+    def step():
+        xs = [x.clone().requires_grad_() for x in levels]
+        outs = [roialign.roi_align(x, boxes[: 20 + 8 * i], 7, 1.0 / 2**i, 2, True)  # 1.0 MB to 2.2 MB
+                for i, x in enumerate(xs)]
+        for out in outs:
+            out.backward(torch.ones_like(out))
+        return [x.grad.data_ptr() for x in xs] + [out.data_ptr() for out in outs]
+
+    with roialign.use_backend("numba"):
+        common.release_scratch()
+        first = step()
+        assert len(common._results._idle) == 8 == common._Results._KEEP
+        assert sorted(step()) == sorted(first)  # every buffer found again
+        for size in range(1, 20):  # many more sizes than kept: the pool stays bounded
+            roialign.roi_align(levels[0], boxes[:size] + 0, 14, 1.0, 0, True)
+            assert len(common._results._idle) <= common._Results._KEEP
+        common.release_scratch()

@@ -605,8 +605,15 @@ class _Results(_Scratch):
     # the idle buffer of a float64 one twice its size, and every float64 call then faulted in
     # fresh pages (train-P3 in four dtypes in one round robin, NCHW, 3 rounds: float64's 98 MB
     # outputs were faulted in for 7 of its 10 calls with two kept, 3 with four, the first ones;
-    # float64's forward 3.0x float32's time, against 1.7x with four kept).
-    _KEEP = 4
+    # float64's forward 3.0x float32's time, against 1.7x with four kept). Four were still too
+    # few for six sizes (boxhead-P2 in four dtypes, NCHW and channels_last, in one round robin:
+    # float64's 111 MB input gradient faulted in for 10 of its 20 calls, float16's and bfloat16's
+    # for 9; with eight kept, once, on the first call). Eight also cover a feature pyramid's
+    # training step: an output and an input gradient per level (4 levels, 2 images, 64-320 boxes
+    # per level: 80 of 160 results faulted in with four kept, 23 with eight). Measured: that
+    # round robin's float64 NCHW forward+backward 90-92 ms with eight kept, 108-111 with four
+    # (float32: 52 and 54-60 ms), two runs each.
+    _KEEP = 8
     # 8 MiB at first; lowered because mid-sized results paid for their pages too, once other
     # operators ran between our calls (as in a model, or in the benchmark's round robin, where
     # torchvision's buffers come and go). PrRoIPool's adaptive workload (a 2.5 MB output, a 4 MB
