@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..reference.common import compute_dtype
-from .common import (JIT, axis_aligned_box, box_geometry, box_jobs, channel_runs, channels_last_map,
+from .common import (JIT, axis_aligned_box, band_order, box_geometry, channel_runs, channels_last_map,
                      planar_from_channels_last, result_tensor, scratch, visible_samples, wide_vectors)
 from .threads import ranges, workers
 
@@ -57,14 +57,14 @@ def _tap(pos, size, T):
 
 
 @numba.njit(**JIT)
-def _forward(feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, onnx, T, out,
-             arg, record):
-    """Boxes ``[lo, hi)``: ``out[k, c, bin]``; with ``record``, ``arg[k, bin, c]`` too."""
+def _forward(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, onnx, T,
+             out, arg, record):
+    """Boxes ``order[lo:hi]``: ``out[k, c, bin]``; with ``record``, ``arg[k, bin, c]`` too."""
     wide_vectors()
     _, height, width, channels = feat.shape
     best = np.empty(channels, T)
     won = np.empty(channels, np.int64)
-    for k in range(lo, hi):
+    for k in order[lo:hi]:
         y1, roi_h, _, grid_h, x1, roi_w, _, grid_w, finite = axis_aligned_box(
             geometry, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
         b = int(geometry[k, 0])
@@ -252,12 +252,12 @@ def _backward_input(grad, arg, geometry, spatial_scale, aligned, sampling_ratio,
 
 
 @numba.njit(**JIT)
-def _backward_rois(grad, arg, feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w,
-                   onnx, T, out):
-    """``out[k] = d loss / d (x1, y1, x2, y2)`` in scaled pixels for boxes ``[lo, hi)``: each
+def _backward_rois(grad, arg, feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h,
+                   pooled_w, onnx, T, out):
+    """``out[k] = d loss / d (x1, y1, x2, y2)`` in scaled pixels for boxes ``order[lo:hi]``: each
     channel's winning sample's derivative (looked up as in ``_backward_input``)."""
     _, height, width, channels = feat.shape
-    for k in range(lo, hi):
+    for k in order[lo:hi]:
         y1, roi_h, fixed_h, grid_h, x1, roi_w, fixed_w, grid_w, finite = axis_aligned_box(
             geometry, k, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T)
         if not finite:
@@ -316,7 +316,8 @@ def _backward_rois(grad, arg, feat, geometry, lo, hi, spatial_scale, aligned, sa
 
 def _winners(feat: np.ndarray, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
              sampling_ratio: int, aligned: bool, onnx: bool, record: bool, dtype: torch.dtype, arg=None):
-    """Forward on the channels-last map ``feat``: (output, the winners if ``record``, geometry, T).
+    """Forward on the channels-last map ``feat``: (output, the winners if ``record``, geometry, T,
+    the boxes' order).
     With ``record`` the winners go to ``arg`` ([K, bins, C] int64, every entry written)."""
     k, c = rois.shape[0], feat.shape[3]
     geometry, T = box_geometry(rois, dtype)
@@ -324,17 +325,17 @@ def _winners(feat: np.ndarray, rois: Tensor, spatial_scale: float, pooled_height
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
     if not record:
         arg = np.empty((0, 0, 0), np.int64)
-    _, parts = box_jobs(k)
-    workers.run(_forward, [(feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
+    order, parts = band_order(geometry, spatial_scale, *feat.shape[:3]), ranges(k, 4 * workers.size())
+    workers.run(_forward, [(feat, geometry, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
                             pooled_width, onnx, T, out_np, arg, record) for lo, hi in parts])
-    return out, arg, geometry, T
+    return out, arg, geometry, T, order
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
             sampling_ratio: int, aligned: bool, onnx: bool) -> Tensor:
     dtype = compute_dtype(input.dtype)
     with channels_last_map(input.detach().to(dtype)) as feat:
-        out, _, _, _ = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx,
+        out, _, _, _, _ = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx,
                                 False, dtype)
     return out.to(input.dtype)
 
@@ -362,7 +363,7 @@ def _backward(feat: np.ndarray, arg: np.ndarray, grad_feat: Tensor, grad: Tensor
               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, c, h, w = input.shape
     k = rois.shape[0]
-    _, arg, geometry, T = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+    _, arg, geometry, T, order = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                                    onnx, True, dtype, arg)
     with channel_runs(grad, dtype) as grad_t:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -378,8 +379,8 @@ def _backward(feat: np.ndarray, arg: np.ndarray, grad_feat: Tensor, grad: Tensor
         grad_input = grad_input.to(input.dtype, memory_format=memory_format)
         grad_rois = np.zeros((k, 4), dtype=T)
         if want_rois:
-            workers.run(_backward_rois, [(grad_t, arg, feat, geometry, lo, hi, spatial_scale, aligned, sampling_ratio,
-                                          pooled_height, pooled_width, onnx, T, grad_rois)
+            workers.run(_backward_rois, [(grad_t, arg, feat, geometry, order, lo, hi, spatial_scale, aligned,
+                                          sampling_ratio, pooled_height, pooled_width, onnx, T, grad_rois)
                                          for lo, hi in ranges(k, 4 * workers.size())])
     box = torch.from_numpy(grad_rois) * spatial_scale
     return grad_input, torch.cat((torch.zeros_like(box[:, :1]), box), 1).to(rois.dtype)
