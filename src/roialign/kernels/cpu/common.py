@@ -336,6 +336,7 @@ def band_order(boxes, spatial_scale, images, height, width):
     0.93-1.00 in float32 and the half types, 0.93 on adaptive and 0.97-1.00 elsewhere;
     PrRoIPool's forward 0.84-0.97; the box gradient 0.95-1.00."""
     k_all = boxes.shape[0]
+    images = max(images, 1)  # every box gets a key, even with no image to read
     total, counted = 0.0, 0
     for k in range(k_all):
         h = (boxes[k, 4] - boxes[k, 2]) * spatial_scale
