@@ -333,8 +333,9 @@ def band_order(boxes, spatial_scale, images, height, width):
     at opposite ends of a row. Measured (AMD EPYC, 2 threads, median of 9 alternations in one
     process, bit-identical results): RoIAlign's NCHW forward on boxhead-P2 took 0.84-0.89 of
     the time in float64 (a 111 MB map, over the 32 MB L3; bands of 16-64 rows were all as good),
-    0.93-1.00 in float32 and the half types, 0.93 on adaptive and 0.97-1.00 elsewhere;
-    PrRoIPool's forward 0.84-0.97; the box gradient 0.95-1.00."""
+    0.93-1.02 in float32 and the half types (README, fifth session, on a timing bias in
+    bfloat16), 0.93 on adaptive and 0.97-1.00 elsewhere; PrRoIPool's forward 0.84-0.97; the box
+    gradient 0.95-1.00."""
     k_all = boxes.shape[0]
     images = max(images, 1)  # every box gets a key, even with no image to read
     total, counted = 0.0, 0
