@@ -335,8 +335,8 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
             sampling_ratio: int, aligned: bool, onnx: bool) -> Tensor:
     dtype = compute_dtype(input.dtype)
     with channels_last_map(input.detach().to(dtype)) as feat:
-        out, _, _, _, _ = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx,
-                                False, dtype)
+        out = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx, False,
+                       dtype)[0]
     return out.to(input.dtype)
 
 
