@@ -550,7 +550,7 @@ def test_prroi_pool_paths_on_a_mixed_workload(taps, monkeypatch):
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     if taps:
-        direct = cpu_prroi._Geometry(rois, 1.0, 7, 7, 30, 40, taps).direct
+        direct = cpu_prroi._Geometry(rois, 1.0, 7, 7, 2, 30, 40, taps).direct
         assert direct.any() and not direct.all()
 
 
@@ -568,7 +568,7 @@ def test_prroi_pool_input_gradient_bands_and_blocks_give_the_same_bits(channels_
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn(rois.shape[0], x.shape[1], 3, 3, generator=torch.Generator().manual_seed(1))
-    direct = cpu_prroi._Geometry(rois, 1.0, 3, 3, x.shape[2], x.shape[3], 6).direct
+    direct = cpu_prroi._Geometry(rois, 1.0, 3, 3, x.shape[0], x.shape[2], x.shape[3], 6).direct
     assert direct.any() and not direct.all()
     results, before = [], torch.get_num_threads()
     try:
@@ -595,12 +595,13 @@ def test_prroi_pool_backward_chooses_each_image_path_by_counted_cost():
     huge = [0.0, 0.0, 63.0, 63.0]  # bins of 31.5 pixels: do not fit
     rois = torch.tensor([[0] + wide, [0] + small] + [[1] + wide] * 200 + [[1] + small] + [[2] + huge, [2] + small,
                                                                                            [2] + wide])
-    geo = cpu_prroi._Geometry(rois, 1.0, 2, 2, 64, 64, 12, (1.0, 4.0))
+    geo = cpu_prroi._Geometry(rois, 1.0, 2, 2, 3, 64, 64, 12, (1.0, 4.0))
     assert geo.direct[:2].all()  # image 0: one wide box saves less than the suffix sums cost
     assert not geo.direct[2:202].any() and geo.direct[202]  # image 1: 200 of them do
     assert list(geo.direct[203:]) == [False, True, False]  # image 2: forced; each box by its cost
     # the forward sends every box that fits through the map
-    assert list(cpu_prroi._Geometry(rois, 1.0, 2, 2, 64, 64, 12).direct[[0, 2, 203, 204]]) == [True, True, False, True]
+    forward_paths = cpu_prroi._Geometry(rois, 1.0, 2, 2, 3, 64, 64, 12).direct
+    assert list(forward_paths[[0, 2, 203, 204]]) == [True, True, False, True]
 
 
 def test_kernels_ask_for_the_widest_vectors():

@@ -150,17 +150,15 @@ def _box_taps(x1, y1, bw, bh, height, width, k, xi, xv, xds, xde, yi, yv, yds, y
 
 
 @numba.njit(**JIT)
-def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, both, finite, batch, top, direct, xi, xv, xds, xde, yi,
-                     yv, yds, yde, txi, txv, txds, txde, tyi, tyv, tyds, tyde):
+def _geometry_kernel(rois, spatial_scale, height, width, lo, hi, both, finite, batch, direct, xi, xv, xds, xde, yi, yv,
+                     yds, yde, txi, txv, txds, txde, tyi, tyv, tyds, tyde):
     """Boxes ``[lo, hi)``. With ``both`` (the backward), both tables of every box, derivatives
     included; otherwise (the forward) no derivatives, and the integral-image tables only of the
-    boxes that do not fit the direct ones (the others' rows stay undefined). ``top[k]``: the first
-    pixel row box ``k`` reads."""
+    boxes that do not fit the direct ones (the others' rows stay undefined)."""
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
     for k in range(lo, hi):
         x1, y1, bw, bh, finite[k] = _box_bins(rois, k, spatial_scale, pooled_h, pooled_w)
         batch[k] = int(rois[k, 0])
-        top[k] = _pixels(y1, y1 + bh, height)[0]
         fits = _box_taps(x1, y1, bw, bh, height, width, k, txi, txv, txds, txde, tyi, tyv, tyds, tyde, both)
         direct[k] = fits
         if both or not fits:
@@ -532,24 +530,17 @@ def _integral_image(feat: np.ndarray, buffer=empty) -> np.ndarray:
     return s
 
 
-def _row_order(batch: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """Boxes by image, then by the first row they read: consecutive boxes of a thread read
-    nearby rows, which are then still in cache."""
-    return np.lexsort((top, batch))
-
-
 class _Geometry:
     """Both tables of every box (integral-image entries, and the direct pixel taps) and which
-    boxes use which; ``paths()`` yields (source name, boxes in row order, tables)."""
+    boxes use which; ``paths()`` yields (source name, boxes in band order, tables)."""
 
-    def __init__(self, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int, height: int,
-                 width: int, taps: int, weights: tuple[float, float] | None = None) -> None:
+    def __init__(self, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int, images: int,
+                 height: int, width: int, taps: int, weights: tuple[float, float] | None = None) -> None:
         """``weights``: (per update, per pixel of fixed cost) to choose paths by cost (the
         backward), or None to send every box that fits through the map (the forward)."""
         k, entries = rois.shape[0], shared.ENTRIES
         r = rois.detach().double().contiguous().numpy()
         self.finite, self.batch, self.direct = np.empty(k, np.bool_), np.empty(k, np.int64), np.empty(k, np.bool_)
-        top = np.empty(k, np.int64)
 
         def tables(pooled: int, width_: int) -> list[np.ndarray]:
             return [np.empty((k, pooled, width_), np.int64)] + [np.empty((k, pooled, width_)) for _ in range(3)]
@@ -558,11 +549,11 @@ class _Geometry:
         self.taps = tables(pooled_width, taps) + tables(pooled_height, taps)
         jobs = ranges(k, 2 * workers.size())
         workers.run(_geometry_kernel, [(r, spatial_scale, height, width, lo, hi, weights is not None, self.finite,
-                                        self.batch, top, self.direct, *self.integral, *self.taps) for lo, hi in jobs])
+                                        self.batch, self.direct, *self.integral, *self.taps) for lo, hi in jobs])
         if weights is not None and k:
             self._choose(height, width, weights, jobs)
         self.finite_t = torch.from_numpy(self.finite)
-        self.order = _row_order(self.batch, top)
+        self.order = band_order(r, spatial_scale, images, height, width)
 
     def _choose(self, height: int, width: int, weights: tuple[float, float], jobs) -> None:
         cost = np.empty((self.direct.size, 2))
@@ -600,7 +591,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         workers.run(_forward, [(feat, r, spatial_scale, True, *shapes, order[lo:hi], deferred, out_np)
                                for lo, hi in ranges(k, 4 * workers.size())])
         if deferred.any():
-            geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS)
+            geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, n, h, w, _DIRECT_TAPS)
             boxes = order[deferred[order]]
             assert not geo.direct[boxes].any()  # the same test of the same tables
             xi, xv, _, _, yi, yv, _, _ = geo.integral
@@ -653,9 +644,9 @@ def _input_gradient(grad_t: np.ndarray, geo: "_Geometry", input: Tensor, channel
 def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
              channels_last: bool, want_input: bool = True, want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """(input gradient in the input's layout, box gradient ``[K, 5]``); one not wanted is zeros."""
-    h, w = input.shape[2:]
+    n, _, h, w = input.shape
     weights = (want_input + 2.0 * want_rois, want_input * _SUFFIX_UNITS + want_rois * _INTEGRAL_IMAGE_UNITS)
-    geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, h, w, _DIRECT_TAPS_BACKWARD, weights)
+    geo = _Geometry(rois, spatial_scale, pooled_height, pooled_width, n, h, w, _DIRECT_TAPS_BACKWARD, weights)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_input, grad_rois = None, rois.new_zeros(rois.shape)
     with channel_runs(grad, torch.float64) as grad_t, scratch_buffers() as buffer:
