@@ -329,13 +329,8 @@ def band_order(boxes, spatial_scale, images, height, width):
     It only orders the boxes, so an image index out of range, NaN and huge coordinates are just
     clamped into the key, and no result depends on it.
 
-    It replaced an order by image and first row alone, under which consecutive boxes could lie
-    at opposite ends of a row. Measured (AMD EPYC, 2 threads, median of 9 alternations in one
-    process, bit-identical results): RoIAlign's NCHW forward on boxhead-P2 took 0.84-0.89 of
-    the time in float64 (a 111 MB map, over the 32 MB L3; bands of 16-64 rows were all as good),
-    0.93-1.02 in float32 and the half types (README, fifth session, on a timing bias in
-    bfloat16), 0.93 on adaptive and 0.97-1.00 elsewhere; PrRoIPool's forward 0.84-0.97; the box
-    gradient 0.95-1.00."""
+    Against the order by image and first row alone: boxhead-P2's float64 NCHW forward 0.84-0.89
+    of the time, elsewhere 0.84-1.02 (README, "fifth session", gives every number)."""
     k_all = boxes.shape[0]
     images = max(images, 1)  # every box gets a key, even with no image to read
     total, counted = 0.0, 0
@@ -608,13 +603,9 @@ class _Results(_Scratch):
     # fresh pages (train-P3 in four dtypes in one round robin, NCHW, 3 rounds: float64's 98 MB
     # outputs were faulted in for 7 of its 10 calls with two kept, 3 with four, the first ones;
     # float64's forward 3.0x float32's time, against 1.7x with four kept). Four were still too
-    # few for six sizes (boxhead-P2 in four dtypes, NCHW and channels_last, in one round robin:
-    # float64's 111 MB input gradient faulted in for 10 of its 20 calls, float16's and bfloat16's
-    # for 9; with eight kept, once, on the first call). Eight also cover a feature pyramid's
-    # training step: an output and an input gradient per level (4 levels, 2 images, 64-320 boxes
-    # per level: 80 of 160 results faulted in with four kept, 23 with eight). Measured: that
-    # round robin's float64 NCHW forward+backward 90-92 ms with eight kept, 108-111 with four
-    # (float32: 52 and 54-60 ms), two runs each.
+    # few for six sizes (boxhead-P2 in four dtypes: float64's 111 MB input gradient faulted in
+    # for 10 of 20 calls; float64 NCHW forward+backward 90-92 ms with eight kept, 108-111 with
+    # four) and for a pyramid's step (an output and an input gradient per level).
     _KEEP = 8
     # 8 MiB at first; lowered because mid-sized results paid for their pages too, once other
     # operators ran between our calls (as in a model, or in the benchmark's round robin, where
