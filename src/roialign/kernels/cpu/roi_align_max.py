@@ -363,8 +363,8 @@ def _backward(feat: np.ndarray, arg: np.ndarray, grad_feat: Tensor, grad: Tensor
               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     n, c, h, w = input.shape
     k = rois.shape[0]
-    _, arg, geometry, T, order = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
-                                   onnx, True, dtype, arg)
+    _, arg, geometry, T, order = _winners(feat, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
+                                          aligned, onnx, True, dtype, arg)
     with channel_runs(grad, dtype) as grad_t:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if want_input:
