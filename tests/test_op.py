@@ -82,3 +82,63 @@ def test_export():
     exported = torch.export.export(model, (x, rois))
     assert any("roialign.roi_align" in str(node.target) for node in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(x, rois), model(x, rois))
+
+
+# The API calls the operator's implementation directly for plain eager CPU calls with nothing to
+# record (``ops.common.dispatcher_needed``); everything else must still reach the dispatcher.
+
+
+class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _dispatched(monkeypatch, call) -> tuple[bool, torch.Tensor]:
+    """(whether ``call()`` went through the custom op's dispatcher entry, its result)."""
+    from roialign.ops import roi_align as op
+
+    direct = []
+    impl = op.forward_impl
+    monkeypatch.setattr(op, "forward_impl", lambda *a: direct.append(1) or impl(*a))
+    out = call()
+    monkeypatch.setattr(op, "forward_impl", impl)
+    return not direct, out
+
+
+def test_plain_eager_calls_skip_the_dispatcher_with_the_same_result(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 12, 10, generator=gen).contiguous(memory_format=torch.channels_last)
+    rois = torch.tensor([[0, 1.0, 2.0, 30.0, 25.0], [1, -4.0, 0.0, 12.0, 40.0]])
+    dispatched, out = _dispatched(monkeypatch, lambda: roialign.roi_align(x, rois, 3, 0.25, 2, True))
+    assert not dispatched
+    reference = torch.ops.roialign.roi_align(x, rois, 0.25, 3, 3, 2, True)
+    assert torch.equal(out, reference) and out.stride() == reference.stride()
+    with torch.no_grad():  # inputs that require grad, with grad mode off, need no graph either
+        assert not _dispatched(monkeypatch, lambda: roialign.roi_align(x.requires_grad_(), rois, 3, 0.25, 2, True))[0]
+
+
+def test_calls_that_something_watches_still_reach_the_dispatcher(monkeypatch):
+    x = torch.randn(1, 4, 8, 8)
+    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 7.0]])
+
+    def call(inp=x, boxes=rois):
+        return roialign.roi_align(inp, boxes, 2, 1.0, 2, True)
+
+    dispatched, out = _dispatched(monkeypatch, lambda: call(x.detach().requires_grad_()))
+    assert dispatched and out.grad_fn is not None  # a graph to record
+    with _SeenOps() as mode:
+        assert _dispatched(monkeypatch, call)[0]
+    assert "roialign.roi_align.default" in mode.seen
+    with torch.profiler.profile() as prof:
+        assert _dispatched(monkeypatch, call)[0]
+    assert any(e.name == "roialign::roi_align" for e in prof.events())
+    with torch.device("cpu"):  # a TorchFunctionMode
+        assert _dispatched(monkeypatch, call)[0]
+    assert _dispatched(monkeypatch, lambda: torch.jit.trace(lambda t: call(t), (x,), check_trace=False))[0]
+    assert _dispatched(monkeypatch, lambda: torch.func.vmap(lambda t: t.sum() * call().sum())(torch.ones(2)))[0]
+    assert _dispatched(monkeypatch, lambda: call(torch.nn.Parameter(x, requires_grad=False)))[0]  # a subclass

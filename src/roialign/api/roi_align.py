@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align as _op
 from ..ops import roi_align_max as _max_op
+from ..ops.common import dispatcher_needed
 from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
 
 __all__ = ["roi_align", "ROIAlign"]
@@ -83,7 +84,8 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
 
         return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
                                       int(sampling_ratio), aligned)
-    return _op.roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio), aligned)
+    args = (input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio), aligned)
+    return _op.roi_align(*args) if dispatcher_needed(input, rois) else _op.forward_impl(*args)
 
 
 class ROIAlign(nn.Module):
