@@ -89,5 +89,7 @@ def test_batch_index_check_names_the_first_bad_box_in_every_dtype(dtype, bad):
     rois[3, 0], rois[5, 0] = bad, bad
     with pytest.raises(IndexError, match=r"rois\[3, 0\]"):
         roialign.roi_align(X.to(dtype), rois, 2)
+    with pytest.raises(IndexError, match=r"rois\[3, 0\]"):  # a strided view of the boxes, checked in place
+        roialign.roi_align(X.to(dtype), torch.cat((rois, rois), dim=1)[:, :5], 2)
     rois[3, 0], rois[5, 0] = 1.0, 0.0
     assert roialign.roi_align(X.to(dtype), rois, 2).shape == (6, X.shape[1], 2, 2)
