@@ -185,24 +185,33 @@ def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, False), (3, True)])
 def test_every_forward_path_gives_the_same_bits(monkeypatch, dtype, sampling_ratio, aligned):
     """The planar kernel (NCHW read in place), the transposing one with taps added one or four per
-    pass, and channels_last input are chosen by problem size, never by a result: their outputs
-    must be bitwise identical (signed zeros included)."""
+    pass, and channels_last input (bfloat16 read as words of two channels, or one by one) are
+    chosen by problem size and alignment, never by a result: their outputs must be bitwise
+    identical (signed zeros included)."""
     x, rois = problem(7, k=60)
     x, rois = x.to(dtype), rois.to(dtype)
     x[1, 3, 4, 5] = float("inf")
     x[:, 2] = -0.0  # a channel of negative zeros: every sum of it must come out +0.0
     x[0, 4, :6] = -x[0, 4, :6].abs()
+    rois[5, 2] = float("nan")  # NaN in every output of that box
+    rois[6, 3] = rois[6, 1] - 3  # inverted
     outputs = []
-    for planar, layout, grouped in ((True, torch.contiguous_format, 0), (False, torch.contiguous_format, 0),
-                                    (False, torch.contiguous_format, 1 << 60), (False, torch.channels_last, 0),
-                                    (False, torch.channels_last, 1 << 60)):
+    words = cpu_roi_align.bfloat16_words
+    for planar, layout, grouped, by_words in ((True, torch.contiguous_format, 0, True),
+                                              (False, torch.contiguous_format, 0, True),
+                                              (False, torch.contiguous_format, 1 << 60, True),
+                                              (False, torch.channels_last, 0, True),
+                                              (False, torch.channels_last, 0, False),
+                                              (False, torch.channels_last, 1 << 60, True)):
         monkeypatch.setattr(cpu_roi_align, "_planar_is_cheaper", lambda *args, planar=planar: planar)
         monkeypatch.setattr(cpu_roi_align, "GROUPED_RUN_BYTES", grouped)
+        monkeypatch.setattr(cpu_roi_align, "bfloat16_words", words if by_words else lambda a: None)
         with roialign.use_backend("numba"):
             outputs.append(roialign.roi_align(x.contiguous(memory_format=layout), rois, (5, 4), 0.25,
                                               sampling_ratio, aligned))
     bits = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
-    assert (outputs[0][:, 2].view(bits) == 0).all()  # +0.0, not -0.0
+    assert outputs[0][5].isnan().all()
+    assert (outputs[0][torch.arange(len(rois)) != 5, 2].view(bits) == 0).all()  # +0.0, not -0.0
     for out in outputs[1:]:
         assert torch.equal(out.isnan(), outputs[0].isnan())
         assert torch.equal(out.nan_to_num().view(bits), outputs[0].nan_to_num().view(bits))
@@ -259,22 +268,25 @@ def _reference_counts_in_loops(llvm_ir: str, name: str) -> list[str]:
 
 @pytest.mark.parametrize("kernel, dtype", [("roi_align", torch.float32), ("roi_align rows", torch.float32),
                                            ("prroi_pool", torch.float32), ("roi_align", torch.bfloat16),
-                                           ("roi_align rows", torch.bfloat16)])
+                                           ("roi_align rows", torch.bfloat16), ("roi_align words", torch.bfloat16)])
 def test_hot_forward_loops_take_no_reference_counts(kernel, dtype, monkeypatch):
     """Numba takes a reference count on each array an inlined helper is given, which LLVM removes
     only for some shapes of the helper (see ``common.weigh_taps``); left in a loop they are atomic
     operations per bin. The channels-last forwards (RoIAlign's box by box, for NCHW input, and by
     rows, for channels_last input) are compiled afresh (the cached code cannot be inspected) and
-    their loops searched, for float32 and for bfloat16 (read as bit patterns, widened per tap)."""
+    their loops searched, for float32 and for bfloat16 (read as bit patterns, widened per tap, or
+    as words of two channels)."""
     import numba
 
     from roialign.kernels.cpu import prroi_pool as cpu_prroi
 
     module, name = {"roi_align": (cpu_roi_align, "_forward_nhwc"), "roi_align rows": (cpu_roi_align, "_forward_rows"),
-                    "prroi_pool": (cpu_prroi, "_forward")}[kernel]
+                    "roi_align words": (cpu_roi_align, "_forward_rows_words"), "prroi_pool": (cpu_prroi, "_forward")}[kernel]
     fresh = numba.njit(nogil=True)(getattr(module, name).py_func)
     monkeypatch.setattr(module, name, fresh)
     monkeypatch.setattr(cpu_roi_align, "GROUPED_RUN_BYTES", 0)
+    if kernel == "roi_align rows":  # bfloat16 element by element, not as words of two channels
+        monkeypatch.setattr(cpu_roi_align, "bfloat16_words", lambda a: None)
     x = torch.randn(1, 8, 9, 10, dtype=dtype)
     if kernel != "roi_align":
         x = x.contiguous(memory_format=torch.channels_last)

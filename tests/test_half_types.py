@@ -13,7 +13,8 @@ import numba  # noqa: E402
 
 import roialign  # noqa: E402
 from roialign.kernels.cpu import roi_align as cpu_roi_align  # noqa: E402
-from roialign.kernels.cpu.half_types import kernel_array, narrow, narrow_float16_bits, widen, widen_float16_bits  # noqa: E402,E501
+from roialign.kernels.cpu.half_types import (bfloat16_word, bfloat16_words, even_channel, kernel_array, narrow,  # noqa: E402
+                                             narrow_float16_bits, odd_channel, widen, widen_float16_bits)
 
 HALVES = [torch.float16, torch.bfloat16]
 
@@ -94,6 +95,51 @@ def test_integer_float16_narrowing_rounds_like_torch():
     got = torch.empty(values.numel(), dtype=torch.float16)
     _narrow_float16_integer(values.numpy(), kernel_array(got))
     assert bool(_same(got, values.to(torch.float16)).all())
+
+
+@numba.njit
+def _split_words(words, even, odd):
+    for i in range(words.shape[0]):
+        even[i] = even_channel(words[i])
+        odd[i] = odd_channel(words[i])
+
+
+@numba.njit
+def _pack_words(even, odd, out):
+    for i in range(out.shape[0]):
+        out[i] = bfloat16_word(even[i], odd[i])
+
+
+def test_bfloat16_words_widen_and_round_both_channels_like_torch():
+    """A word of two bfloat16 channels: each half widens to torch's float (every bit pattern in
+    each half, against a shuffled partner), and packing rounds each float as torch does."""
+    halves = _every_half(torch.bfloat16)
+    partners = halves[torch.randperm(halves.numel(), generator=torch.Generator().manual_seed(2))]
+    pairs = torch.stack((halves, partners), dim=1).contiguous()  # [P, 2]: channel 0 low, channel 1 high
+    words = bfloat16_words(kernel_array(pairs))
+    assert words is not None and words.shape == (halves.numel(), 1)
+    even, odd = np.empty(halves.numel(), np.float32), np.empty(halves.numel(), np.float32)
+    _split_words(words[:, 0], even, odd)
+    assert bool(_same(torch.from_numpy(even), halves.float()).all())
+    assert bool(_same(torch.from_numpy(odd), partners.float()).all())
+    values = _hard_floats(torch.bfloat16)
+    flipped = values.flip(0)
+    packed = torch.empty(values.numel(), 2, dtype=torch.bfloat16)
+    _pack_words(values.numpy(), flipped.numpy(), bfloat16_words(kernel_array(packed))[:, 0])
+    assert bool(_same(packed[:, 0], values.to(torch.bfloat16)).all())
+    assert bool(_same(packed[:, 1], flipped.to(torch.bfloat16)).all())
+
+
+def test_bfloat16_words_only_where_two_channels_fit_a_word():
+    x = torch.zeros(2, 6, 5, 8, dtype=torch.bfloat16)
+    assert bfloat16_words(kernel_array(x)).shape == (2, 6, 5, 4)
+    assert bfloat16_words(kernel_array(x[..., :7])) is None  # an odd number of channels
+    assert bfloat16_words(kernel_array(x[..., ::2])) is None  # channels not contiguous
+    assert bfloat16_words(kernel_array(x.view(-1)[1:1 + 240].view(2, 6, 5, 4))) is None  # not 4-byte aligned
+    assert bfloat16_words(kernel_array(x.half())) is None  # float16 bits
+    words = bfloat16_words(kernel_array(x))
+    words[0, 0, 0, 0] = 0x40003F80  # 1.0 in channel 0, 2.0 in channel 1: a view, not a copy
+    assert x[0, 0, 0, :2].tolist() == [1.0, 2.0]
 
 
 def test_kernel_array_views_the_bits_without_copying():

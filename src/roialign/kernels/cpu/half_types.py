@@ -147,13 +147,7 @@ def _narrow(value, target):
     if not isinstance(target, types.Array):
         return None
     if target.dtype == types.uint16:  # bfloat16
-        def narrow_bfloat16(value, target):
-            u = _bits_from_float(np.float32(value))
-            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                return np.uint16(0x7FC0)  # NaN
-            rounded = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-            return np.uint16(rounded >> np.uint32(16))
-        return narrow_bfloat16
+        return lambda value, target: np.uint16(_bfloat16_bits(np.float32(value)))
     if target.dtype == types.int16:  # float16
         if _HARDWARE_FLOAT16:
             return lambda value, target: _float16_from_float(np.float32(value))
@@ -162,6 +156,117 @@ def _narrow(value, target):
         dtype = target.dtype
         return lambda value, target: dtype(value)
     return None
+
+
+@numba.njit(inline="always", **JIT)
+def _bfloat16_bits(value):
+    """The bfloat16 bit pattern nearest to the float32 ``value`` (ties to even; NaN to 0x7FC0, as
+    torch rounds), in the low 16 bits of a uint32."""
+    u = _bits_from_float(value)
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint32(0x7FC0)  # NaN
+    return (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+# A bfloat16 map whose channels are an even number of contiguous elements can also be read as
+# uint32 words of two channels: channel 2j in the low half of word j, 2j + 1 in the high half.
+# Each half widens with one operation on the whole word (a shift, or a mask), where a bfloat16
+# element needs two (a zero-extending load into 32 bits, then the shift); the sums over taps
+# spend half their vector operations widening (see roi_align's ``_forward_rows_words``).
+
+
+def bfloat16_words(a: np.ndarray) -> np.ndarray | None:
+    """The bfloat16 kernel array ``a`` (uint16, channels last) as uint32 words of two channels
+    ([..., C / 2]), or None where it cannot be: C odd, the channels not contiguous, or the data
+    not 4-byte aligned."""
+    if (a.dtype != np.uint16 or a.ndim == 0 or a.shape[-1] % 2 or a.strides[-1] != 2
+            or any(s % 4 for s in a.strides[:-1]) or a.ctypes.data % 4):
+        return None
+    return a.view(np.uint32)
+
+
+_LOW_SHIFT = np.uint32(16)
+_HIGH_HALF = np.uint32(0xFFFF0000)
+
+
+@numba.njit(inline="always", **JIT)
+def even_channel(word):
+    """float32 value of the bfloat16 in the low half of ``word`` (its even channel)."""
+    return _float_from_bits(word << _LOW_SHIFT)
+
+
+@numba.njit(inline="always", **JIT)
+def odd_channel(word):
+    """float32 value of the bfloat16 in the high half of ``word`` (its odd channel)."""
+    return _float_from_bits(word & _HIGH_HALF)
+
+
+@numba.njit(inline="always", **JIT)
+def bfloat16_word(even, odd):
+    """The word of two channels holding ``even`` and ``odd`` rounded to bfloat16, as ``narrow``
+    rounds each."""
+    return _bfloat16_bits(np.float32(even)) | (_bfloat16_bits(np.float32(odd)) << _LOW_SHIFT)
+
+
+@numba.njit(inline="always", **JIT)
+def weigh_words(even, odd, i, words, base, at, weight, first, n, zero):
+    """``common.weigh_taps`` on a bfloat16 map read as words (``words`` [P, C / 2]): row ``i`` of
+    ``even`` and of ``odd`` becomes ``zero + w[0] * channel(words[base + at[0], j]) + ... +
+    w[n - 1] * channel(...)`` for each word ``j``, where ``at`` and ``w`` are ``at[first:]`` and
+    ``weight[first:]``: the same additions, four entries per pass, rounded as ``weigh_taps``
+    rounds them, so the same bits. The first pass stores rather than adds; no entries leave
+    ``zero``."""
+    half = words.shape[1]
+    e = first
+    end = first + n
+    while e < max(end, first + 1):
+        if end - e >= 4:
+            pa, pb, pc, pd = base + at[e], base + at[e + 1], base + at[e + 2], base + at[e + 3]
+            wa, wb, wc, wd = weight[e], weight[e + 1], weight[e + 2], weight[e + 3]
+            if e == first:
+                for j in range(half):
+                    ua, ub, uc, ud = words[pa, j], words[pb, j], words[pc, j], words[pd, j]
+                    even[i, j] = (zero + wa * even_channel(ua) + wb * even_channel(ub) + wc * even_channel(uc)
+                                  + wd * even_channel(ud))
+                    odd[i, j] = (zero + wa * odd_channel(ua) + wb * odd_channel(ub) + wc * odd_channel(uc)
+                                 + wd * odd_channel(ud))
+            else:
+                for j in range(half):
+                    ua, ub, uc, ud = words[pa, j], words[pb, j], words[pc, j], words[pd, j]
+                    even[i, j] = (even[i, j] + wa * even_channel(ua) + wb * even_channel(ub) + wc * even_channel(uc)
+                                  + wd * even_channel(ud))
+                    odd[i, j] = (odd[i, j] + wa * odd_channel(ua) + wb * odd_channel(ub) + wc * odd_channel(uc)
+                                 + wd * odd_channel(ud))
+            e += 4
+        elif end - e >= 2:
+            pa, pb, wa, wb = base + at[e], base + at[e + 1], weight[e], weight[e + 1]
+            if e == first:
+                for j in range(half):
+                    ua, ub = words[pa, j], words[pb, j]
+                    even[i, j] = zero + wa * even_channel(ua) + wb * even_channel(ub)
+                    odd[i, j] = zero + wa * odd_channel(ua) + wb * odd_channel(ub)
+            else:
+                for j in range(half):
+                    ua, ub = words[pa, j], words[pb, j]
+                    even[i, j] = even[i, j] + wa * even_channel(ua) + wb * even_channel(ub)
+                    odd[i, j] = odd[i, j] + wa * odd_channel(ua) + wb * odd_channel(ub)
+            e += 2
+        elif end - e == 1:
+            pa, wa = base + at[e], weight[e]
+            if e == first:
+                for j in range(half):
+                    even[i, j] = zero + wa * even_channel(words[pa, j])
+                    odd[i, j] = zero + wa * odd_channel(words[pa, j])
+            else:
+                for j in range(half):
+                    even[i, j] = even[i, j] + wa * even_channel(words[pa, j])
+                    odd[i, j] = odd[i, j] + wa * odd_channel(words[pa, j])
+            e += 1
+        else:  # no entries
+            for j in range(half):
+                even[i, j] = zero
+                odd[i, j] = zero
+            e += 1
 
 
 @numba.njit(**JIT)

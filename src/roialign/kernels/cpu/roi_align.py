@@ -33,7 +33,7 @@ from ..reference.roi_align import row_span
 from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, band_order, bin_run, box_geometry, channel_runs,
                      channels_last_map, counting_order, result_tensor, store_band, visible_samples, weigh_taps,
                      wide_vectors)
-from .half_types import HALF_TYPES, kernel_array, narrow, widen
+from .half_types import HALF_TYPES, bfloat16_word, bfloat16_words, kernel_array, narrow, weigh_words, widen
 from .threads import TAP_BAND_BYTES, band_rows, ranges, workers
 
 # Bytes per band of the input gradient (``threads.TAP_BAND_BYTES``; tests set it to vary the bands).
@@ -244,6 +244,30 @@ def _row_order_taps(rois, lo, hi, spatial_scale, aligned, sampling_ratio, pooled
             key[k, ph] = b * height + (yi[k, ph, 0] if yn[k, ph] > 0 else 0)
 
 
+@numba.njit(inline="always", **JIT)
+def _bin_row_taps(yi, yw, yn, xi, xw, xn, k, ph, width, at, weight, count):
+    """The taps of nonzero weight of each bin ``pw`` of bin row ``ph`` of box ``k`` (from the
+    [K, ...] tables of :func:`_row_order_taps`): ``count[pw]`` of them, pixel ``at[pw * S + t]``
+    of the image (row * width + column) with weight ``weight[pw * S + t]`` (``S`` = the tables'
+    taps per bin), in the order rows, then columns, as every forward adds them."""
+    stride = yi.shape[2] * xi.shape[2]
+    for pw in range(xi.shape[1]):
+        n = pw * stride
+        for ty in range(yn[k, ph]):
+            wy = yw[k, ph, ty]
+            if wy == 0:
+                continue
+            row = yi[k, ph, ty] * width
+            for tx in range(xn[k, pw]):
+                w = wy * xw[k, pw, tx]
+                if w == 0:
+                    continue
+                at[n] = row + xi[k, pw, tx]
+                weight[n] = w
+                n += 1
+        count[pw] = n - pw * stride
+
+
 @numba.njit(**JIT)
 def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out, grouped):
     """Bin rows ``items[lo:hi]`` (``k * PH + ph``) of the forward into the channels-last ``out``
@@ -254,41 +278,66 @@ def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, 
     n_img, height, width, channels = feat.shape
     pixels = feat.reshape(n_img * height * width, channels)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
+    stride = yi.shape[2] * xi.shape[2]
     acc = np.empty((pooled_w, channels), dtype=T)
-    at = np.empty(yi.shape[2] * xi.shape[2], dtype=np.int64)  # a bin's taps of nonzero weight
-    weight = np.empty(yi.shape[2] * xi.shape[2], dtype=T)
+    at = np.empty(pooled_w * stride, dtype=np.int64)  # each bin's taps of nonzero weight
+    weight = np.empty(pooled_w * stride, dtype=T)
+    taps = np.empty(pooled_w, dtype=np.int64)
     for j in range(lo, hi):
         k = items[j] // pooled_h
         ph = items[j] - k * pooled_h
         base = batch[k] * height * width
-        for pw in range(pooled_w):
-            if not grouped:
+        if grouped:
+            _bin_row_taps(yi, yw, yn, xi, xw, xn, k, ph, width, at, weight, taps)
+            for pw in range(pooled_w):
+                weigh_taps(acc, pw, pixels, base, at, weight, pw * stride, taps[pw], T(0.0))
+        else:
+            for pw in range(pooled_w):
                 for c in range(channels):
                     acc[pw, c] = 0
-            n = 0
-            for ty in range(yn[k, ph]):
-                wy = yw[k, ph, ty]
-                if wy == 0:
-                    continue
-                row = yi[k, ph, ty] * width
-                for tx in range(xn[k, pw]):
-                    w = wy * xw[k, pw, tx]
-                    if w == 0:
+                for ty in range(yn[k, ph]):
+                    wy = yw[k, ph, ty]
+                    if wy == 0:
                         continue
-                    if grouped:
-                        at[n] = row + xi[k, pw, tx]
-                        weight[n] = w
-                        n += 1
-                    else:
-                        p = base + row + xi[k, pw, tx]
+                    row = base + yi[k, ph, ty] * width
+                    for tx in range(xn[k, pw]):
+                        w = wy * xw[k, pw, tx]
+                        if w == 0:
+                            continue
+                        p = row + xi[k, pw, tx]
                         for c in range(channels):
                             acc[pw, c] += w * widen(pixels[p, c])
-            if grouped:
-                weigh_taps(acc, pw, pixels, base, at, weight, 0, n, T(0.0))
         samples = count[k]
         for pw in range(pooled_w):
             for c in range(channels):
                 out[k, ph * pooled_w + pw, c] = narrow(acc[pw, c] / samples, out)
+
+
+@numba.njit(**JIT)
+def _forward_rows_words(words, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out):
+    """:func:`_forward_rows` (grouped) for a bfloat16 map read as words of two channels
+    (``half_types.bfloat16_words``: [N, H, W, C / 2] uint32) into ``out`` as words ([K, PH * PW,
+    C / 2]): the same taps, sums and rounding, so the same bits."""
+    wide_vectors()
+    n_img, height, width, half = words.shape
+    pixels = words.reshape(n_img * height * width, half)
+    pooled_h, pooled_w = yi.shape[1], xi.shape[1]
+    stride = yi.shape[2] * xi.shape[2]
+    even = np.empty((pooled_w, half), dtype=T)  # channels 0, 2, 4, ... of each bin
+    odd = np.empty((pooled_w, half), dtype=T)  # channels 1, 3, 5, ...
+    at = np.empty(pooled_w * stride, dtype=np.int64)
+    weight = np.empty(pooled_w * stride, dtype=T)
+    taps = np.empty(pooled_w, dtype=np.int64)
+    for j in range(lo, hi):
+        k = items[j] // pooled_h
+        ph = items[j] - k * pooled_h
+        _bin_row_taps(yi, yw, yn, xi, xw, xn, k, ph, width, at, weight, taps)
+        for pw in range(pooled_w):
+            weigh_words(even, odd, pw, pixels, batch[k] * height * width, at, weight, pw * stride, taps[pw], T(0.0))
+        samples = count[k]
+        for pw in range(pooled_w):
+            for c in range(half):
+                out[k, ph * pooled_w + pw, c] = bfloat16_word(even[pw, c] / samples, odd[pw, c] / samples)
 
 
 @numba.njit(**JIT)
@@ -504,8 +553,18 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
                                        pooled_width, h, w, n, T, yi, yw, yn, xi, xw, xn, count, batch, key, out_np)
                                       for lo, hi in ranges(k, workers.size())])
         items = counting_order(key.reshape(-1))
+        parts = ranges(items.size, 4 * workers.size())
+        # bfloat16 grouped: read and written as words of two channels where they fit (the same
+        # bits). Measured against element by element (whole forward, AMD EPYC, alternating, 24
+        # rounds): one thread 0.98 of the time on mask-14, 0.96 on boxhead-P2, 0.93 on train-P3;
+        # two threads 1.00, 0.97 and 0.94-0.97.
+        words, out_words = (bfloat16_words(feat), bfloat16_words(out_np)) if grouped else (None, None)
+        if words is not None and out_words is not None:
+            workers.run(_forward_rows_words, [(words, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T,
+                                               out_words) for lo, hi in parts])
+            return out
         workers.run(_forward_rows, [(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out_np, grouped)
-                                    for lo, hi in ranges(items.size, 4 * workers.size())])
+                                    for lo, hi in parts])
     return out
 
 
