@@ -84,8 +84,8 @@ def test_export():
     torch.testing.assert_close(exported.module()(x, rois), model(x, rois))
 
 
-# The API calls the operator's implementation directly for plain eager CPU calls with nothing to
-# record (``ops.common.dispatcher_needed``); everything else must still reach the dispatcher.
+# The API calls each forward operator's implementation directly for plain eager CPU calls with
+# nothing to record (``ops.common.call_op``); everything else must still reach the dispatcher.
 
 
 class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
@@ -98,47 +98,62 @@ class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _dispatched(monkeypatch, call) -> tuple[bool, torch.Tensor]:
-    """(whether ``call()`` went through the custom op's dispatcher entry, its result)."""
-    from roialign.ops import roi_align as op
+def _forwards():
+    """(name, ops module, op name, call(input, boxes)) of each forward the API reaches."""
+    from roialign.ops import prroi_pool, roi_align, roi_align_max, roi_align_rotated
 
+    rotated = lambda r: torch.cat((r[:, :1], (r[:, 1:3] + r[:, 3:5]) / 2, r[:, 3:5] - r[:, 1:3],  # noqa: E731
+                                   torch.full_like(r[:, :1], 30.0)), dim=1)
+    return [("roi_align", roi_align, "roi_align", lambda x, r: roialign.roi_align(x, r, 3, 0.25, 2, True)),
+            ("max", roi_align_max, "roi_align_max", lambda x, r: roialign.roi_align(x, r, 3, 0.25, 2, True, mode="max")),
+            ("prroi_pool", prroi_pool, "prroi_pool", lambda x, r: roialign.prroi_pool(x, r, 3, 0.25)),
+            ("rotated", roi_align_rotated, "roi_align_rotated",
+             lambda x, r: roialign.roi_align_rotated(x, rotated(r), 3, 0.25, 2))]
+
+
+def _dispatched(monkeypatch, module, call) -> tuple[bool, torch.Tensor]:
+    """(whether ``call()`` went through the custom op's dispatcher entry, its result)."""
     direct = []
-    impl = op.forward_impl
-    monkeypatch.setattr(op, "forward_impl", lambda *a: direct.append(1) or impl(*a))
+    impl = module.forward_impl
+    monkeypatch.setattr(module, "forward_impl", lambda *a: direct.append(1) or impl(*a))
     out = call()
-    monkeypatch.setattr(op, "forward_impl", impl)
+    monkeypatch.setattr(module, "forward_impl", impl)
     return not direct, out
 
 
-def test_plain_eager_calls_skip_the_dispatcher_with_the_same_result(monkeypatch):
+@pytest.mark.parametrize("name, module, op, forward", _forwards(), ids=lambda v: v if isinstance(v, str) else "")
+def test_plain_eager_calls_skip_the_dispatcher_with_the_same_result(monkeypatch, name, module, op, forward):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 12, 10, generator=gen).contiguous(memory_format=torch.channels_last)
     rois = torch.tensor([[0, 1.0, 2.0, 30.0, 25.0], [1, -4.0, 0.0, 12.0, 40.0]])
-    dispatched, out = _dispatched(monkeypatch, lambda: roialign.roi_align(x, rois, 3, 0.25, 2, True))
+    dispatched, out = _dispatched(monkeypatch, module, lambda: forward(x, rois))
     assert not dispatched
-    reference = torch.ops.roialign.roi_align(x, rois, 0.25, 3, 3, 2, True)
+    with _SeenOps():  # the same call through the dispatcher
+        dispatched, reference = _dispatched(monkeypatch, module, lambda: forward(x, rois))
+    assert dispatched
     assert torch.equal(out, reference) and out.stride() == reference.stride()
     with torch.no_grad():  # inputs that require grad, with grad mode off, need no graph either
-        assert not _dispatched(monkeypatch, lambda: roialign.roi_align(x.requires_grad_(), rois, 3, 0.25, 2, True))[0]
+        assert not _dispatched(monkeypatch, module, lambda: forward(x.detach().requires_grad_(), rois))[0]
 
 
-def test_calls_that_something_watches_still_reach_the_dispatcher(monkeypatch):
+@pytest.mark.parametrize("name, module, op, forward", _forwards(), ids=lambda v: v if isinstance(v, str) else "")
+def test_calls_that_something_watches_still_reach_the_dispatcher(monkeypatch, name, module, op, forward):
     x = torch.randn(1, 4, 8, 8)
-    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 7.0]])
+    rois = torch.tensor([[0, 1.0, 1.0, 26.0, 27.0]])
 
     def call(inp=x, boxes=rois):
-        return roialign.roi_align(inp, boxes, 2, 1.0, 2, True)
+        return forward(inp, boxes)
 
-    dispatched, out = _dispatched(monkeypatch, lambda: call(x.detach().requires_grad_()))
+    dispatched, out = _dispatched(monkeypatch, module, lambda: call(x.detach().requires_grad_()))
     assert dispatched and out.grad_fn is not None  # a graph to record
     with _SeenOps() as mode:
-        assert _dispatched(monkeypatch, call)[0]
-    assert "roialign.roi_align.default" in mode.seen
+        assert _dispatched(monkeypatch, module, call)[0]
+    assert f"roialign.{op}.default" in mode.seen
     with torch.profiler.profile() as prof:
-        assert _dispatched(monkeypatch, call)[0]
-    assert any(e.name == "roialign::roi_align" for e in prof.events())
+        assert _dispatched(monkeypatch, module, call)[0]
+    assert any(e.name == f"roialign::{op}" for e in prof.events())
     with torch.device("cpu"):  # a TorchFunctionMode
-        assert _dispatched(monkeypatch, call)[0]
-    assert _dispatched(monkeypatch, lambda: torch.jit.trace(lambda t: call(t), (x,), check_trace=False))[0]
-    assert _dispatched(monkeypatch, lambda: torch.func.vmap(lambda t: t.sum() * call().sum())(torch.ones(2)))[0]
-    assert _dispatched(monkeypatch, lambda: call(torch.nn.Parameter(x, requires_grad=False)))[0]  # a subclass
+        assert _dispatched(monkeypatch, module, call)[0]
+    assert _dispatched(monkeypatch, module, lambda: torch.jit.trace(lambda t: call(t), (x,), check_trace=False))[0]
+    assert _dispatched(monkeypatch, module, lambda: torch.func.vmap(lambda t: t.sum() * call().sum())(torch.ones(2)))[0]
+    assert _dispatched(monkeypatch, module, lambda: call(torch.nn.Parameter(x, requires_grad=False)))[0]  # a subclass

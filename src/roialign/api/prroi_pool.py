@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..kernels.reference.common import compute_dtype
 from ..ops import prroi_pool as _op
+from ..ops.common import call_op
 from ._args import BoxesLike, boxes_to_rois, check_spatial_scale, fx_leaf, output_size_pair
 
 __all__ = ["prroi_pool", "PrRoIPool"]
@@ -54,7 +55,7 @@ def prroi_pool(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int]
         from ..integrations import onnx as _onnx
 
         _onnx.refuse_prroi_export()
-    return _op.prroi_pool(input, rois, scale, pooled_height, pooled_width)
+    return call_op(_op.prroi_pool, _op.forward_impl, input, rois, scale, pooled_height, pooled_width)
 
 
 class PrRoIPool(nn.Module):

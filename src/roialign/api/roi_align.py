@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align as _op
 from ..ops import roi_align_max as _max_op
-from ..ops.common import dispatcher_needed
+from ..ops.common import call_op
 from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
 
 __all__ = ["roi_align", "ROIAlign"]
@@ -77,15 +77,15 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
                 _onnx.refuse_max_export()
             return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
                                           int(sampling_ratio), aligned, mode="max")
-        return _max_op.roi_align_max(input, rois, float(spatial_scale), pooled_height, pooled_width,
-                                     int(sampling_ratio), aligned, mode == "onnx_max")
+        return call_op(_max_op.roi_align_max, _max_op.forward_impl, input, rois, float(spatial_scale), pooled_height,
+                       pooled_width, int(sampling_ratio), aligned, mode == "onnx_max")
     if torch.onnx.is_in_onnx_export():  # a standard ONNX RoiAlign node, with either exporter
         from ..integrations import onnx as _onnx
 
         return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
                                       int(sampling_ratio), aligned)
-    args = (input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio), aligned)
-    return _op.roi_align(*args) if dispatcher_needed(input, rois) else _op.forward_impl(*args)
+    return call_op(_op.roi_align, _op.forward_impl, input, rois, float(spatial_scale), pooled_height, pooled_width,
+                   int(sampling_ratio), aligned)
 
 
 class ROIAlign(nn.Module):

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align_rotated as _op
+from ..ops.common import call_op
 from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
 
 __all__ = ["roi_align_rotated", "ROIAlignRotated"]
@@ -76,8 +77,8 @@ def roi_align_rotated(input: Tensor, boxes: BoxesLike, output_size: int | Sequen
         raise OnnxExporterError("roialign.roi_align_rotated cannot be exported to ONNX: the ONNX standard has no "
                                 "rotated RoiAlign (RoiAlign takes axis-aligned boxes only). Keep the rotated "
                                 "pooling outside the exported graph, or export with a custom op of your runtime.")
-    return _op.roi_align_rotated(input, rois, float(spatial_scale), pooled_height, pooled_width, int(sampling_ratio),
-                                 aligned, clockwise, angle_unit == "degrees")
+    return call_op(_op.roi_align_rotated, _op.forward_impl, input, rois, float(spatial_scale), pooled_height,
+                   pooled_width, int(sampling_ratio), aligned, clockwise, angle_unit == "degrees")
 
 
 class ROIAlignRotated(nn.Module):

@@ -91,6 +91,14 @@ def _first_bad_index(rois, batch_size):
     return -1
 
 
+def call_op(op, impl, input: Tensor, rois: Tensor, *args):
+    """``op(input, rois, *args)``, or its implementation ``impl`` called directly where
+    :func:`dispatcher_needed` allows: how the API calls every forward operator."""
+    if dispatcher_needed(input, rois):
+        return op(input, rois, *args)
+    return impl(input, rois, *args)
+
+
 def check_batch_index(rois: Tensor, batch_size: int) -> None:
     """IndexError unless every box's batch index is an integer in [0, batch_size).
 

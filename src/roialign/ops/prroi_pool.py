@@ -23,9 +23,9 @@ def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width
     check_tensors(input, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2")
 
 
-@torch.library.custom_op("roialign::prroi_pool", mutates_args=())
-def prroi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
-    """PrRoIPool forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``."""
+def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
+    """PrRoIPool forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``.
+    The operator's implementation (see ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width)
     check_batch_index(rois, input.shape[0])
     k, c = rois.shape[0], input.shape[1]
@@ -33,6 +33,9 @@ def prroi_pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height:
         return input.new_zeros((k, c, pooled_height, pooled_width))
     kernel = _backend.select(input.device, _OPERATOR)
     return kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width)
+
+
+prroi_pool = torch.library.custom_op("roialign::prroi_pool", forward_impl, mutates_args=())
 
 
 @prroi_pool.register_fake

@@ -25,8 +25,8 @@ def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width
 def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                  sampling_ratio: int, aligned: bool) -> Tensor:
     """RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``,
-    channels_last when the input is (:func:`output_format`). The operator's implementation; the
-    API calls it directly where :func:`common.dispatcher_needed` allows."""
+    channels_last when the input is (:func:`output_format`). The operator's implementation (see
+    ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width)
     check_batch_index(rois, input.shape[0])
     return _forward(_backend.select(input.device, "roi_align"), input, rois, spatial_scale, pooled_height, pooled_width,

@@ -25,10 +25,10 @@ def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width
     check_tensors(input, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2")
 
 
-@torch.library.custom_op("roialign::roi_align_max", mutates_args=())
-def roi_align_max(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-                  sampling_ratio: int, aligned: bool, onnx: bool) -> Tensor:
-    """Max-mode RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``."""
+def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                 sampling_ratio: int, aligned: bool, onnx: bool) -> Tensor:
+    """Max-mode RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``.
+    The operator's implementation (see ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width)
     check_batch_index(rois, input.shape[0])
     k, c = rois.shape[0], input.shape[1]
@@ -36,6 +36,9 @@ def roi_align_max(input: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
         return input.new_zeros((k, c, pooled_height, pooled_width))
     kernel = _backend.select(input.device, _OPERATOR)
     return kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx)
+
+
+roi_align_max = torch.library.custom_op("roialign::roi_align_max", forward_impl, mutates_args=())
 
 
 @roi_align_max.register_fake

@@ -36,10 +36,10 @@ def check_sizes(rois: Tensor) -> None:
                          f"and height {float(rois[k, 4])}")
 
 
-@torch.library.custom_op("roialign::roi_align_rotated", mutates_args=())
-def roi_align_rotated(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
-                      sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool) -> Tensor:
-    """Rotated RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 6]`` boxes to ``[K, C, PH, PW]``."""
+def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
+                 sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool) -> Tensor:
+    """Rotated RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 6]`` boxes to ``[K, C, PH, PW]``.
+    The operator's implementation (see ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width)
     check_batch_index(rois, input.shape[0])
     check_sizes(rois)
@@ -49,6 +49,9 @@ def roi_align_rotated(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     kernel = _backend.select(input.device, _OPERATOR)
     return kernel.forward(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
                           clockwise, degrees)
+
+
+roi_align_rotated = torch.library.custom_op("roialign::roi_align_rotated", forward_impl, mutates_args=())
 
 
 @roi_align_rotated.register_fake
