@@ -301,8 +301,18 @@ def test_hot_forward_loops_take_no_reference_counts(kernel, dtype, monkeypatch):
         assert _reference_counts_in_loops(fresh.inspect_llvm(signature), name) == []
 
 
-def test_warmup_compiles_everything():
+def test_warmup_compiles_everything(monkeypatch):
+    import numba
+
+    from roialign.ops import common as ops_common
+
+    # fresh dispatchers, so that only warmup() can have compiled (or loaded) these two
+    for module, name in ((cpu_roi_align, "_forward_rows_words"), (ops_common, "_first_bad_index")):
+        monkeypatch.setattr(module, name, numba.njit(nogil=True, cache=True)(getattr(module, name).py_func))
     roialign.warmup()
+    # bfloat16 read as words of two channels, and the batch-index check in float32 and float64
+    assert cpu_roi_align._forward_rows_words.signatures
+    assert len(ops_common._first_bad_index.signatures) >= 2
     from roialign.kernels.cpu import roi_align_max
 
     # float32 and float64 of each max-mode kernel are compiled (or loaded from the cache) by now

@@ -40,12 +40,17 @@ def warmup() -> None:
     and time the two orders of the NCHW <-> channels-last copies on this host to keep the faster,
     for maps whose channel planes are a multiple of 4 KiB apart and for the others (about 0.1 s;
     both give the same bytes, so no result depends on the choice)."""
+    import torch
+
     from .kernels.cpu import common as cpu_common
     from .kernels.cpu import roi_align as cpu_roi_align
     from .kernels.cpu import roi_align_max as cpu_roi_align_max
     from .kernels.cpu import prroi_pool as cpu_prroi_pool
     from .kernels.cpu import roi_align_rotated as cpu_roi_align_rotated
+    from .ops.common import check_batch_index
 
+    for dtype in (torch.float32, torch.float64):  # every operator's batch-index check
+        check_batch_index(torch.zeros(1, 5, dtype=dtype), 1)
     cpu_roi_align.warmup()
     cpu_roi_align_rotated.warmup()
     cpu_roi_align_max.warmup()

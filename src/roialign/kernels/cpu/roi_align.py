@@ -632,6 +632,9 @@ def warmup() -> None:
         forward(x, rois[:1], 1.0, 1, 1, 0, True)
         x_cl = torch.zeros(1, 2, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
         forward(x_cl, rois, 1.0, 1, 1, 0, True)
+        if dtype == torch.bfloat16:  # enough channels for the grouped sums, read as words
+            wide = torch.zeros(1, GROUPED_RUN_BYTES // 4, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            forward(wide, rois[:1], 1.0, 1, 1, 0, True)
         with _box_by_box():
             forward(x_cl, rois, 1.0, 1, 1, 0, True)
         for channels_last in (False, True):
