@@ -42,21 +42,14 @@ def gradient_like(input: Tensor, rois: Tensor, channels_last: bool, zeros: bool 
     return torch.empty_like(input, memory_format=memory_format), rois.new_empty(rois.shape)
 
 
-def _state(name: str):
-    """A function of ``torch._C`` (or ``torch.autograd``) that reports dispatcher state, or None
-    where this torch lacks it: private names, looked up, never assumed."""
-    module, _, attr = name.rpartition(".")
-    owner = {"torch._C": torch._C, "torch._C._functorch": getattr(torch._C, "_functorch", None),
-             "torch.autograd": torch.autograd}.get(module)
-    return getattr(owner, attr, None)
-
-
-_DISPATCH_STATE = tuple(_state(name) for name in (
-    "torch._C._len_torch_dispatch_stack",  # a TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...)
-    "torch._C._is_torch_function_mode_enabled",  # a TorchFunctionMode (``with torch.device(...)``)
-    "torch.autograd._profiler_enabled",  # torch.profiler records each operator call
-    "torch._C._functorch.peek_interpreter_stack",  # inside vmap, grad or another functorch transform
-))
+# Functions that report dispatcher state: private names, looked up, never assumed (None where
+# this torch lacks one, and then every call goes through the dispatcher).
+_DISPATCH_STATE = (
+    getattr(torch._C, "_len_torch_dispatch_stack", None),  # a TorchDispatchMode (FakeTensorMode, ...)
+    getattr(torch._C, "_is_torch_function_mode_enabled", None),  # a TorchFunctionMode (``with torch.device``)
+    getattr(torch.autograd, "_profiler_enabled", None),  # torch.profiler records each operator call
+    getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None),  # vmap, grad, ...
+)
 
 
 def dispatcher_needed(*tensors: Tensor) -> bool:
