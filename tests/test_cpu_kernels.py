@@ -333,11 +333,11 @@ def test_warmup_compiles_everything(monkeypatch):
                                    (1, 70, 2, 97)])
 def test_nchw_to_nhwc_copy_matches_permute(shape, dtype, tiled, monkeypatch):
     """The transpose behind every NCHW input, in both orders: whole 32 x 32 blocks and partial edges."""
-    from roialign.kernels.cpu import common
-    from roialign.kernels.cpu.common import channels_last_view
+    from roialign.kernels.cpu import layout
+    from roialign.kernels.cpu.layout import channels_last_view
 
-    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
-    monkeypatch.setitem(common._LAYOUT_COPY, "aliased", tiled)
+    monkeypatch.setitem(layout._LAYOUT_COPY, "tiled", tiled)
+    monkeypatch.setitem(layout._LAYOUT_COPY, "aliased", tiled)
 
     x = torch.randn(*shape, dtype=dtype)
     before = x.clone()
@@ -354,11 +354,11 @@ def test_nchw_to_nhwc_copy_matches_permute(shape, dtype, tiled, monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 128, 128, 64), (2, 31, 65, 33), (1, 5, 7, 3), (3, 1, 32, 32), (1, 1, 1, 1)])
 def test_nhwc_to_nchw_copy_matches_permute(shape, dtype, tiled, monkeypatch):
     """The transpose back, for input gradients of NCHW inputs, in both orders."""
-    from roialign.kernels.cpu import common
-    from roialign.kernels.cpu.common import planar_from_channels_last
+    from roialign.kernels.cpu import layout
+    from roialign.kernels.cpu.layout import planar_from_channels_last
 
-    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
-    monkeypatch.setitem(common._LAYOUT_COPY, "aliased", tiled)
+    monkeypatch.setitem(layout._LAYOUT_COPY, "tiled", tiled)
+    monkeypatch.setitem(layout._LAYOUT_COPY, "aliased", tiled)
 
     t = torch.randn(*shape, dtype=dtype)
     before = t.clone()
@@ -372,17 +372,17 @@ def test_nhwc_to_nchw_copy_matches_permute(shape, dtype, tiled, monkeypatch):
 def test_layout_copy_tuning_picks_an_order_and_changes_no_result(monkeypatch, size):
     """warmup() times both copy orders for both kinds of map and keeps one for each; every
     operator gives the same bits either way."""
-    from roialign.kernels.cpu import common
+    from roialign.kernels.cpu import layout
 
     for kind in ("tiled", "aliased"):
-        monkeypatch.setitem(common._LAYOUT_COPY, kind, common._LAYOUT_COPY[kind])
-    report = common.tune_layout_copies((1, 40, 24, 36), pairs=2, aliased_shape=(1, 8, 16, 64))
+        monkeypatch.setitem(layout._LAYOUT_COPY, kind, layout._LAYOUT_COPY[kind])
+    report = layout.tune_layout_copies((1, 40, 24, 36), pairs=2, aliased_shape=(1, 8, 16, 64))
     for prefix, kind in (("", "tiled"), ("aliased_", "aliased")):
-        assert report[kind] is common._LAYOUT_COPY[kind]
+        assert report[kind] is layout._LAYOUT_COPY[kind]
         assert report[kind] == (report[f"{prefix}tiled_s"] < report[f"{prefix}streaming_s"])
         assert report[f"{prefix}streaming_s"] > 0
     with pytest.raises(ValueError, match="aliased_shape"):
-        common.tune_layout_copies((1, 4, 24, 36), pairs=1, aliased_shape=(1, 4, 24, 36))
+        layout.tune_layout_copies((1, 4, 24, 36), pairs=1, aliased_shape=(1, 4, 24, 36))
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 37, *size, generator=gen, dtype=torch.float64, requires_grad=True)
     boxes = torch.cat([torch.randint(0, 2, (30, 1), generator=gen).double(), torch.rand(30, 2, generator=gen) * 30,
@@ -398,7 +398,7 @@ def test_layout_copy_tuning_picks_an_order_and_changes_no_result(monkeypatch, si
     for name, call in calls.items():
         results = []
         for tiled in (True, False):
-            common._LAYOUT_COPY["tiled"] = common._LAYOUT_COPY["aliased"] = tiled
+            layout._LAYOUT_COPY["tiled"] = layout._LAYOUT_COPY["aliased"] = tiled
             out = call()
             inputs = (x, rotated) if name == "rotated" else (x, boxes)
             results.append((out.detach(),) + torch.autograd.grad(out.pow(2).sum(), inputs))
@@ -409,18 +409,18 @@ def test_layout_copy_tuning_picks_an_order_and_changes_no_result(monkeypatch, si
 def test_layout_copy_order_follows_the_plane_stride(monkeypatch):
     """Maps whose planes are a multiple of 4 KiB apart (they alias in the L1 cache) take the
     "aliased" choice, in the planar side's element size (half maps are copied as 2-byte bits)."""
-    from roialign.kernels.cpu import common
+    from roialign.kernels.cpu import layout
 
-    monkeypatch.setitem(common._LAYOUT_COPY, "tiled", False)
-    monkeypatch.setitem(common._LAYOUT_COPY, "aliased", True)
-    assert common._tiled_order(128 * 128 * 4) and common._tiled_order(64 * 32 * 2)
-    assert not common._tiled_order(100 * 136 * 4) and not common._tiled_order(64 * 33 * 2)
+    monkeypatch.setitem(layout._LAYOUT_COPY, "tiled", False)
+    monkeypatch.setitem(layout._LAYOUT_COPY, "aliased", True)
+    assert layout._tiled_order(128 * 128 * 4) and layout._tiled_order(64 * 32 * 2)
+    assert not layout._tiled_order(100 * 136 * 4) and not layout._tiled_order(64 * 33 * 2)
     seen = []
-    monkeypatch.setattr(common.workers, "run", lambda kernel, jobs: seen.append({job[-1] for job in jobs}))
+    monkeypatch.setattr(layout.workers, "run", lambda kernel, jobs: seen.append({job[-1] for job in jobs}))
     for h, w, dtype, want in ((128, 128, torch.float32, True), (32, 64, torch.float16, True),
                               (100, 136, torch.float32, False), (32, 65, torch.float16, False)):
-        common.channels_last_view(torch.zeros(1, 3, h, w, dtype=dtype))
-        common.planar_from_channels_last(torch.zeros(1, h, w, 3, dtype=dtype))
+        layout.channels_last_view(torch.zeros(1, 3, h, w, dtype=dtype))
+        layout.planar_from_channels_last(torch.zeros(1, h, w, 3, dtype=dtype))
         assert seen[-2:] == [{want}, {want}], (h, w, dtype)
 
 
@@ -469,9 +469,9 @@ def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():
     """The channels-last copy of an NCHW map goes to a scratch buffer that later calls reuse:
     a result computed before must not change, maps of other sizes must not see stale data,
     and at most _KEEP buffers stay idle."""
-    from roialign.kernels.cpu import common
+    from roialign.kernels.cpu import buffers
 
-    common.release_scratch()
+    buffers.release_scratch()
     gen = torch.Generator().manual_seed(9)
     boxes = torch.tensor([[0, 1.0, 2.0, 30.0, 20.0], [0, -5.0, 4.0, 12.0, 40.0]])
     results = []
@@ -483,12 +483,12 @@ def test_scratch_copies_are_reused_bounded_and_never_leak_into_results():
             expected = roialign.roi_align(x, boxes, 4, 1.0, 2, aligned=True)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         results.append((out, out.clone()))
-        assert len(common._scratch._idle) <= common._Scratch._KEEP
+        assert len(buffers._scratch._idle) <= buffers._Scratch._KEEP
     for out, kept in results:
         assert torch.equal(out, kept)
-    assert common._scratch._idle
-    common.release_scratch()
-    assert not common._scratch._idle
+    assert buffers._scratch._idle
+    buffers.release_scratch()
+    assert not buffers._scratch._idle
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -202,17 +202,17 @@ def test_half_maps_give_the_bits_of_a_float32_computation(dtype, layout, planar,
 def test_channels_last_view_copies_nchw_halves_as_bits_and_views_channels_last_ones(monkeypatch, dtype):
     """An NCHW half map is transposed as its bit patterns (no widening: half the bytes); a
     channels_last one is viewed in place. Both orders of the copy give the same bits."""
-    from roialign.kernels.cpu import common
+    from roialign.kernels.cpu import layout
 
     x = torch.randn(2, 40, 5, 35).to(dtype)
     x[0, 3, 2, 7] = float("nan")
     want = kernel_array(x.permute(0, 2, 3, 1).contiguous())
     for tiled in (False, True):
-        monkeypatch.setitem(common._LAYOUT_COPY, "tiled", tiled)
-        monkeypatch.setitem(common._LAYOUT_COPY, "aliased", tiled)
-        copied = common.channels_last_view(x)
+        monkeypatch.setitem(layout._LAYOUT_COPY, "tiled", tiled)
+        monkeypatch.setitem(layout._LAYOUT_COPY, "aliased", tiled)
+        copied = layout.channels_last_view(x)
         assert copied.dtype == want.dtype and np.array_equal(copied.view(np.uint16), want.view(np.uint16))
-    bits = common.channels_last_view(x.contiguous(memory_format=torch.channels_last))
+    bits = layout.channels_last_view(x.contiguous(memory_format=torch.channels_last))
     assert bits.dtype == want.dtype
     assert np.array_equal(bits.view(np.uint16), want.view(np.uint16))
 

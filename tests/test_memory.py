@@ -42,7 +42,7 @@ def test_gigantic_adaptive_boxes_finish_quickly(backend):
 def test_large_results_are_reused_only_once_nothing_shares_them(boxes):
     """The Numba backend hands out large outputs over recycled memory: a buffer must not come back
     while any view of it lives, must come back once none does, and must give the same values."""
-    from roialign.kernels.cpu.common import _Results, release_scratch
+    from roialign.kernels.cpu.buffers import _Results, release_scratch
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 64, 32, 32, generator=gen)
@@ -77,7 +77,7 @@ def test_large_results_are_reused_only_once_nothing_shares_them(boxes):
 def test_results_pool_keeps_a_pyramid_step_and_no_more():
     """Idle result buffers stay bounded by ``_KEEP``, and that bound holds an output and an input
     gradient for each of four pyramid levels: the second training step reuses every one of them."""
-    from roialign.kernels.cpu import common
+    from roialign.kernels.cpu import buffers
 
     levels = [torch.randn(1, 256, 128 // 2**i, 160 // 2**i) for i in range(4)]  # 21 MB down to 0.33 MB
     boxes = torch.tensor([[0, 2.0, 3.0, 40.0, 30.0]]).repeat(40, 1)
@@ -91,11 +91,11 @@ def test_results_pool_keeps_a_pyramid_step_and_no_more():
         return [x.grad.data_ptr() for x in xs] + [out.data_ptr() for out in outs]
 
     with roialign.use_backend("numba"):
-        common.release_scratch()
+        buffers.release_scratch()
         first = step()
-        assert len(common._results._idle) == 8 == common._Results._KEEP
+        assert len(buffers._results._idle) == 8 == buffers._Results._KEEP
         assert sorted(step()) == sorted(first)  # every buffer found again
         for size in range(1, 20):  # many more sizes than kept: the pool stays bounded
             roialign.roi_align(levels[0], boxes[:size] + 0, 14, 1.0, 0, True)
-            assert len(common._results._idle) <= common._Results._KEEP
-        common.release_scratch()
+            assert len(buffers._results._idle) <= buffers._Results._KEEP
+        buffers.release_scratch()

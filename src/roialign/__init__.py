@@ -43,6 +43,7 @@ def warmup() -> None:
     import torch
 
     from .kernels.cpu import common as cpu_common
+    from .kernels.cpu import layout as cpu_layout
     from .kernels.cpu import roi_align as cpu_roi_align
     from .kernels.cpu import roi_align_max as cpu_roi_align_max
     from .kernels.cpu import prroi_pool as cpu_prroi_pool
@@ -56,4 +57,4 @@ def warmup() -> None:
     cpu_roi_align_max.warmup()
     cpu_prroi_pool.warmup()
     cpu_common.warm_channel_runs()
-    cpu_common.tune_layout_copies()
+    cpu_layout.tune_layout_copies()

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
           f"'x tv' = torchvision time / provider time, the median over rounds of that round's ratio")
     # What roialign.warmup() does on this host: the faster order of the NCHW <-> channels-last copies.
     torch.set_num_threads(threads[0])
-    from .kernels.cpu.common import tune_layout_copies
+    from .kernels.cpu.layout import tune_layout_copies
     copies = tune_layout_copies()
     print(f"layout copies: {'tiled' if copies['tiled'] else 'streaming'} order (1 x 256 x 100 x 136 there and back: "
           f"tiled {copies['tiled_s'] * 1e3:.1f} ms, streaming {copies['streaming_s'] * 1e3:.1f} ms); 4 KiB-aliased "

@@ -1,17 +1,12 @@
-"""What the Numba CPU kernels of every operator share: box geometry and taps, the banded
-accumulation of input gradients, layout copies, scratch and result buffers. Threads, and how work
-is cut into jobs for them, are in ``threads.py``.
+"""What the Numba CPU kernels of every operator share: box geometry and taps, box orders, the
+banded accumulation of input gradients, the output gradient as channel runs. Threads, and how work
+is cut into jobs for them, are in ``threads.py``; layout copies in ``layout.py``; scratch and
+result buffers in ``buffers.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import math
-import os
-import sys
-import threading
-import weakref
 
 import numba
 import numpy as np
@@ -20,6 +15,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
+from .buffers import scratch
 from .half_types import HALF_TYPES, carry, kernel_array, narrow, widen
 from .threads import ranges, workers
 
@@ -43,153 +39,11 @@ def wide_vectors(typingctx):
     return types.none(), codegen
 
 
-_TILE = 32  # side of the square blocks of the tiled copy back to NCHW
-_BLOCK = 8  # channels per pass of the blocked copy to channels-last
-
-
 # Spare elements at the end of each row of a [rows, C] scratch that is later read a column at a
 # time (one channel across bins or pixels, to transpose it). Rows of 256 channels are 1 KiB
 # apart, so such a column falls in 4 of the L1 cache's 64 sets and misses on nearly every
 # element; one more cache line per row spreads it over all of them. The pad is never read.
 ROW_PAD = 16
-
-
-@numba.njit(**JIT)
-def nchw_to_nhwc(x, b, r0, r1, out, tiled):
-    """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]`` (half bit patterns
-    copied as they are into a half ``out``, widened into a float32 one).
-
-    Two orders, the same bytes: ``tiled`` (blocked) takes 8 channels at a time along the whole
-    pixel row, reading 8 source rows in order and writing 8 consecutive elements per pixel;
-    otherwise the destination is written in order, one pixel's channels after another. Which is
-    faster depends on the host and on the map (streaming was 2-3.5x faster than 32 x 32 tiles on an
-    Intel Xeon for 3-56 MB maps; on an AMD EPYC, from memory, the 8-channel blocks took 0.66 / 1.67
-    / 5.67 ms on the adaptive, P3 and P2 float32 maps against 0.77 / 2.28 / 9.10 for 32 x 32 tiles
-    and 1.66 / 1.51 / 6.70 streaming), so :func:`tune_layout_copies` picks it by timing both."""
-    channels, width = x.shape[1], x.shape[3]
-    if not tiled:
-        for r in range(r0, r1):
-            for q in range(width):
-                for c in range(channels):
-                    out[b, r, q, c] = carry(x[b, c, r, q], out)
-        return
-    for r in range(r0, r1):
-        c0 = 0
-        while c0 + _BLOCK <= channels:
-            for q in range(width):
-                for c in range(_BLOCK):
-                    out[b, r, q, c0 + c] = carry(x[b, c0 + c, r, q], out)
-            c0 += _BLOCK
-        for c in range(c0, channels):
-            for q in range(width):
-                out[b, r, q, c] = carry(x[b, c, r, q], out)
-
-
-@numba.njit(**JIT)
-def nhwc_to_nchw(x, b, r0, r1, out, tiled):
-    """Rows ``[r0, r1)`` of image ``b``: ``out[b, c, r, q] = x[b, r, q, c]``, the inverse of
-    :func:`nchw_to_nhwc`, in the same two orders (streaming: the destination in order)."""
-    width, channels = x.shape[2], x.shape[3]
-    if not tiled:
-        for r in range(r0, r1):
-            for c in range(channels):
-                for q in range(width):
-                    out[b, c, r, q] = x[b, r, q, c]
-        return
-    tile = np.empty((_TILE, _TILE), x.dtype)
-    for r in range(r0, r1):
-        for q0 in range(0, width, _TILE):
-            for c0 in range(0, channels, _TILE):
-                if q0 + _TILE <= width and c0 + _TILE <= channels:
-                    for q in range(_TILE):
-                        for c in range(_TILE):
-                            tile[c, q] = x[b, r, q0 + q, c0 + c]
-                    for c in range(_TILE):
-                        for q in range(_TILE):
-                            out[b, c0 + c, r, q0 + q] = tile[c, q]
-                else:
-                    for q in range(q0, min(width, q0 + _TILE)):
-                        for c in range(c0, min(channels, c0 + _TILE)):
-                            out[b, c, r, q] = x[b, r, q, c]
-
-
-# Whether the layout copies use their tiled order (to channels-last: 8-channel blocks; back: 32 x 32
-# tiles) rather than the streaming one, per kind of map: "aliased" for maps whose channel planes lie
-# a multiple of 4 KiB apart, "tiled" for the others. An x86 L1 data cache takes a line's set from
-# address bits inside the 4 KiB page, so the same pixel of every such plane falls in one set: the
-# streaming copy to channels-last, which reads one pixel of every channel in turn, then misses on
-# nearly every read once the channels outnumber the set's ways, while the other order reads a few
-# planes along runs of pixels. The adaptive map (64 x 128 x 128 float32, 64 KiB planes) took 1.60 ms
-# streaming and 0.45 ms in 32 x 32 tiles, and the P3 map (100 x 136 planes) 2.8 ms streaming and
-# 4.2 ms in tiles (AMD EPYC, 2 threads, one direction, warm). Defaults (when ``warmup()`` was not
-# called): streaming for other maps, measured faster on the hosts where it was compared (README, "On
-# an Intel Xeon host"), tiled for aliased ones; :func:`tune_layout_copies` times both kinds.
-_LAYOUT_COPY = {"tiled": False, "aliased": True}
-_ALIASING_BYTES = 4096
-
-
-def _tiled_order(plane_bytes: int) -> bool:
-    """The copy order for a map whose channel planes are ``plane_bytes`` apart."""
-    return _LAYOUT_COPY["aliased" if plane_bytes % _ALIASING_BYTES == 0 else "tiled"]
-
-
-def _layout_copy(kernel, src: np.ndarray, out: np.ndarray, n: int, h: int, w: int, c: int,
-                 tiled: bool | None = None) -> None:
-    """Run ``kernel`` (:func:`nchw_to_nhwc` or :func:`nhwc_to_nchw`) on our pool, a job per band
-    of about 64K elements of rows of one image, in the order ``tiled`` (default: the one chosen
-    for the planar side's kind of map)."""
-    if tiled is None:
-        planar = src if kernel is nchw_to_nhwc else out
-        tiled = _tiled_order(h * w * planar.itemsize)
-    rows = max(1, (1 << 16) // max(1, w * c))
-    workers.run(kernel, [(src, b, r0, min(h, r0 + rows), out, tiled) for b in range(n) for r0 in range(0, h, rows)])
-
-
-def planar_from_channels_last(t: Tensor) -> Tensor:
-    """``[N, H, W, C]`` contiguous ``t`` as an NCHW-contiguous ``[N, C, H, W]`` tensor, copied by our pool."""
-    n, h, w, c = t.shape
-    out = result_tensor((n, c, h, w), t.dtype)
-    _layout_copy(nhwc_to_nchw, t.numpy(), out.numpy(), n, h, w, c)
-    return out
-
-
-def tune_layout_copies(shape: tuple[int, int, int, int] = (1, 256, 100, 136), pairs: int = 3,
-                       aliased_shape: tuple[int, int, int, int] = (1, 64, 128, 128)) -> dict:
-    """Time both orders of both layout copies on float32 maps of ``shape`` (default: a detector's
-    P3 level, 14 MB) and of ``aliased_shape`` (planes a multiple of 4 KiB apart; default: the
-    adaptive benchmark's map, 4 MB) with the current thread count, alternating, and keep for each
-    kind of map the order whose summed median time is lower. Both orders give the same bytes, so
-    this choice never changes a result. Returns the medians (seconds) and the choices."""
-    if aliased_shape[2] * aliased_shape[3] * 4 % _ALIASING_BYTES:
-        raise ValueError(f"aliased_shape {aliased_shape}: its float32 planes are not a multiple of 4 KiB apart")
-    if shape[2] * shape[3] * 4 % _ALIASING_BYTES == 0:
-        raise ValueError(f"shape {shape}: its float32 planes are a multiple of 4 KiB apart; use aliased_shape")
-    report = {}
-    for kind, prefix, dims in (("tiled", "", shape), ("aliased", "aliased_", aliased_shape)):
-        median = _time_copy_orders(dims, pairs)
-        _LAYOUT_COPY[kind] = median[True] < median[False]
-        report.update({f"{prefix}tiled_s": median[True], f"{prefix}streaming_s": median[False],
-                       kind: _LAYOUT_COPY[kind]})
-    return report
-
-
-def _time_copy_orders(shape: tuple[int, int, int, int], pairs: int) -> dict[bool, float]:
-    """Median seconds of both copies there and back on a float32 map of ``shape``, per order."""
-    import time
-
-    n, c, h, w = shape
-    x = torch.randn(shape).numpy()
-    nhwc = empty((n, h, w, c), torch.float32).numpy()
-    nchw = empty(shape, torch.float32).numpy()
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(pairs + 1):
-        for tiled in (True, False):
-            start = time.perf_counter()
-            _layout_copy(nchw_to_nhwc, x, nhwc, n, h, w, c, tiled)
-            _layout_copy(nhwc_to_nchw, nhwc, nchw, n, h, w, c, tiled)
-            if i > 0:  # the first pair compiles or loads the kernels and faults the pages in
-                times[tiled].append(time.perf_counter() - start)
-    return {tiled: float(np.median(t)) for tiled, t in times.items()}
 
 
 _MAX_GRID = 2**52  # adaptive sample counts are capped where float64 stops being exact
@@ -484,195 +338,6 @@ def box_geometry(rois: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, ComputeT
 def box_jobs(k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Boxes in their own order, in a few more parts than threads (boxes differ in cost)."""
     return np.arange(k, dtype=np.int64), ranges(k, 4 * workers.size())
-
-
-_HUGE_PAGE = 1 << 21
-_libc = None
-
-
-def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.empty``, with transparent huge pages requested for large buffers on Linux.
-
-    A fresh buffer of tens of MB costs more in 4 KiB page faults than the kernel that fills it;
-    2 MiB pages cut that cost about threefold here. Where madvise is unavailable this is plain
-    ``torch.empty``.
-    """
-    global _libc
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
-        return t
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        start = (t.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-        end = (t.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
-        if end > start:
-            _libc.madvise(start, end - start, 14)  # MADV_HUGEPAGE; a refusal only costs speed
-    except (OSError, AttributeError):
-        pass
-    return t
-
-
-def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
-    """[N, H, W, C] numpy view of ``t``, transposed by our own threads when it is not one already.
-
-    A half tensor is read as its bit patterns (see ``half_types``): a channels-last one in place,
-    an NCHW one copied as bit patterns too, half the bytes that widening it to float32 would
-    write. The copy goes to a fresh buffer, or to ``buffer(shape, dtype)`` (see
-    :func:`channels_last_map`).
-
-    Our kernel, not PyTorch's ``copy_``, does the copy (on the threads of :class:`_Workers`): it
-    is faster here.
-    """
-    t = t.detach()
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return kernel_array(t.permute(0, 2, 3, 1))
-    x = kernel_array(t.contiguous())
-    n, c, h, w = t.shape
-    out = kernel_array((empty if buffer is None else buffer)((n, h, w, c), t.dtype))
-    _layout_copy(nchw_to_nhwc, x, out, n, h, w, c)
-    return out
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes of a contiguous tensor of ``shape`` and ``dtype``."""
-    return math.prod(shape) * dtype.itemsize
-
-
-class _Scratch:
-    """Buffers that live only during one call, kept between calls: channels-last copies of NCHW
-    maps, max-mode winners, the output gradient transposed to channel runs, PrRoIPool's integral
-    images.
-
-    Fresh pages cost as much as the copy that fills them (faulting and zeroing 55 MB took about
-    15 ms next to a 16 ms copy on 2 threads), so such a buffer is given back afterwards. The
-    ``_KEEP`` most recently given back stay idle (a feature pyramid's levels each find theirs);
-    a request takes the smallest idle one that holds it without wasting more than half of it.
-    Memory stays bounded by ``_KEEP`` buffers; :func:`release_scratch` frees them.
-    """
-
-    _KEEP = 4
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()  # results are given back by finalizers: any thread, any time
-        self._idle: list[Tensor] = []
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._lock = threading.RLock()
-
-    def take(self, nbytes: int) -> Tensor:
-        with self._lock:
-            fits = [i for i, buf in enumerate(self._idle) if nbytes <= buf.numel() <= 2 * nbytes]
-            if fits:
-                return self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
-        return empty((max(1, nbytes),), torch.uint8)
-
-    def give(self, buf: Tensor) -> None:
-        with self._lock:
-            self._idle = (self._idle + [buf])[-self._KEEP:]
-
-    def release(self) -> None:
-        with self._lock:
-            self._idle = []
-
-
-_scratch = _Scratch()
-
-
-class _Results(_Scratch):
-    """Memory for large results (outputs, input gradients), recycled once the caller is done.
-
-    Each call used to return fresh pages, and faulting them in cost 20-25% of a forward: on the
-    Intel Xeon host, writing a fresh 50 MB output took 13-14 ms against 5 ms for pages already
-    mapped. A result of at least ``_POOLED`` bytes is therefore a tensor over one of our buffers,
-    whose memory comes back here when the last tensor sharing it is gone (its storage holds a
-    NumPy array, and that array's finalizer gives the buffer back); the next call of that size
-    reuses it. Until then nothing else touches it, views and autograd included. The ``_KEEP``
-    most recently given back stay idle (about the size of a feature pyramid's level each);
-    :func:`release_scratch` frees them. Such a tensor behaves like any other except that, as one
-    made by ``torch.from_numpy``, its storage cannot grow (``resize_`` to more elements raises).
-    """
-
-    # Two at first: too few once results of several sizes take turns (a forward's output and an
-    # input gradient per pyramid level, or one workload in several dtypes): a float32 output took
-    # the idle buffer of a float64 one twice its size, and every float64 call then faulted in
-    # fresh pages (train-P3 in four dtypes in one round robin, NCHW, 3 rounds: float64's 98 MB
-    # outputs were faulted in for 7 of its 10 calls with two kept, 3 with four, the first ones;
-    # float64's forward 3.0x float32's time, against 1.7x with four kept). Four were still too
-    # few for six sizes (boxhead-P2 in four dtypes: float64's 111 MB input gradient faulted in
-    # for 10 of 20 calls; float64 NCHW forward+backward 90-92 ms with eight kept, 108-111 with
-    # four) and for a pyramid's step (an output and an input gradient per level).
-    _KEEP = 8
-    # 8 MiB at first; lowered because mid-sized results paid for their pages too, once other
-    # operators ran between our calls (as in a model, or in the benchmark's round robin, where
-    # torchvision's buffers come and go). PrRoIPool's adaptive workload (a 2.5 MB output, a 4 MB
-    # input gradient), as multiples of torchvision's speed in two runs each of
-    # ``bench_cpu.py --op prroi --workloads adaptive`` (AMD EPYC, 2 threads): NCHW forward 2.69 and
-    # 2.39x before, 2.87 and 2.88x with results from 256 KiB recycled (float64: 2.40, 2.07 against
-    # 2.60, 2.55x); forward+backward 4.0-4.9x before, 5.2-5.9x after. Below it, glibc's heap
-    # usually hands out pages already mapped.
-    _POOLED = 256 << 10
-
-    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        nbytes = _nbytes(shape, dtype)
-        if nbytes < self._POOLED:
-            return empty(shape, dtype)
-        buf = self.take(nbytes)
-        memory = buf.numpy()[:nbytes]
-        weakref.finalize(memory, self.give, buf)
-        return torch.from_numpy(memory).view(dtype).view(shape)
-
-
-_results = _Results()
-
-
-def result_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """An uninitialised tensor to return to the caller: recycled memory when large (see :class:`_Results`)."""
-    return _results.tensor(shape, dtype)
-
-
-def release_scratch() -> None:
-    """Free the idle scratch and result buffers (see :class:`_Scratch` and :class:`_Results`)."""
-    _scratch.release()
-    _results.release()
-
-
-@contextlib.contextmanager
-def scratch_buffers():
-    """A function ``buffer(shape, dtype) -> Tensor`` handing out scratch tensors (contents
-    undefined) that go back to the pool when the ``with`` block ends."""
-    taken: list[Tensor] = []
-
-    def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        nbytes = _nbytes(shape, dtype)
-        taken.append(_scratch.take(nbytes))
-        return taken[-1][:nbytes].view(dtype).view(shape)
-
-    try:
-        yield buffer
-    finally:
-        for buf in taken:
-            _scratch.give(buf)
-
-
-@contextlib.contextmanager
-def channels_last_map(t: Tensor):
-    """:func:`channels_last_view` for the duration of a ``with`` block: an NCHW map's copy goes
-    to a scratch buffer that later calls reuse. Nothing read from it may outlive the block."""
-    with scratch_buffers() as buffer:
-        yield channels_last_view(t, buffer)
-
-
-@contextlib.contextmanager
-def scratch(shape: tuple[int, ...], dtype: torch.dtype):
-    """A scratch tensor (contents undefined) for the duration of a ``with`` block, from the same
-    pool as :func:`channels_last_map`'s copies: for large buffers that do not outlive a call."""
-    with scratch_buffers() as buffer:
-        yield buffer(shape, dtype)
 
 
 @contextlib.contextmanager

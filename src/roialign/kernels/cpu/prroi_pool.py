@@ -34,9 +34,10 @@ from torch import Tensor
 
 from ..reference import prroi_pool as shared
 from ..reference.common import compute_dtype
-from .common import (JIT, ROW_PAD, band_order, channel_runs, channels_last_map, empty, result_tensor,
-                     scratch_buffers, wide_vectors)
+from .buffers import empty, result_tensor, scratch_buffers
+from .common import JIT, ROW_PAD, band_order, channel_runs, wide_vectors
 from .half_types import widen
+from .layout import channels_last_map
 from .threads import BAND_BYTES, ranges, workers
 
 

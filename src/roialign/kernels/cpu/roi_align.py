@@ -30,10 +30,11 @@ from torch import Tensor
 
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
+from .buffers import result_tensor
 from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, band_order, bin_run, box_geometry, channel_runs,
-                     channels_last_map, counting_order, result_tensor, store_band, visible_samples, weigh_taps,
-                     wide_vectors)
+                     counting_order, store_band, visible_samples, weigh_taps, wide_vectors)
 from .half_types import HALF_TYPES, bfloat16_word, bfloat16_words, kernel_array, narrow, weigh_words, widen
+from .layout import channels_last_map
 from .threads import TAP_BAND_BYTES, band_rows, ranges, workers
 
 # Bytes per band of the input gradient (``threads.TAP_BAND_BYTES``; tests set it to vary the bands).

@@ -33,8 +33,10 @@ import torch
 from torch import Tensor
 
 from ..reference.common import compute_dtype
-from .common import (JIT, axis_aligned_box, band_order, box_geometry, channel_runs, channels_last_map,
-                     planar_from_channels_last, result_tensor, scratch, visible_samples, wide_vectors)
+from .buffers import result_tensor, scratch
+from .common import (JIT, axis_aligned_box, band_order, box_geometry, channel_runs, visible_samples,
+                     wide_vectors)
+from .layout import channels_last_map, planar_from_channels_last
 from .threads import ranges, workers
 
 

@@ -25,8 +25,10 @@ from torch import Tensor
 
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
-from .common import (JIT, band_of, box_jobs, channel_runs, channels_last_map, compute_type, result_tensor, store_band,
-                     visible_samples, wide_vectors)
+from .buffers import result_tensor
+from .common import (JIT, band_of, box_jobs, channel_runs, compute_type, store_band, visible_samples,
+                     wide_vectors)
+from .layout import channels_last_map
 from .threads import TAP_BAND_BYTES, band_rows, workers
 
 # Bytes per band of the input gradient (``threads.TAP_BAND_BYTES``; tests set it to vary the bands).
