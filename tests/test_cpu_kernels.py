@@ -184,8 +184,8 @@ def test_both_forward_kernels_match_the_oracle(monkeypatch, planar):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, True), (0, False), (3, True)])
 def test_every_forward_path_gives_the_same_bits(monkeypatch, dtype, sampling_ratio, aligned):
-    """The planar kernel (NCHW read in place), the transposing one with taps added one or four per
-    pass, and channels_last input (bfloat16 read as words of two channels, or one by one) are
+    """The planar kernel (NCHW read in place), the transposing one with taps added one per pass or
+    grouped (eight per pass for float maps, four for halves), and channels_last input (bfloat16 read as words of two channels, or one by one) are
     chosen by problem size and alignment, never by a result: their outputs must be bitwise
     identical (signed zeros included)."""
     x, rois = problem(7, k=60)

@@ -164,9 +164,10 @@ def _tap_buffers(rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, po
 @numba.njit(**JIT)
 def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, T, out,
                   grouped, planar_out):
-    """``grouped``: gather each bin's taps and add them four per pass (``common.weigh_taps``), else
-    one tap per pass. The same bits either way; see ``GROUPED_RUN_BYTES``. ``out`` is [K, C, PH * PW]
-    when ``planar_out``, else channels-last, [K, PH * PW, C]."""
+    """``grouped``: gather each bin's taps and add them eight or four per pass
+    (``common.weigh_taps``), else one tap per pass. The same bits either way; see
+    ``GROUPED_RUN_BYTES``. ``out`` is [K, C, PH * PW] when ``planar_out``, else channels-last,
+    [K, PH * PW, C]."""
     wide_vectors()
     n_img, height, width, channels = feat.shape
     pixels = feat.reshape(n_img * height * width, channels)
