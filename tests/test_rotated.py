@@ -457,3 +457,43 @@ def test_cpu_bands_of_any_height_give_the_same_bits(monkeypatch, layout):
     assert results[0].abs().sum() > 0
     for other in results[1:]:
         assert torch.equal(other, results[0])
+
+
+def test_cpu_box_order_is_a_permutation_and_changes_no_bit(monkeypatch):
+    """The CPU forward and box gradient visit boxes in band order of their bounds on the map (for
+    cache reuse); each box is pooled on its own, so any order gives the same bits, NaN and huge
+    boxes included."""
+    pytest.importorskip("numba")
+    from roialign.kernels.cpu import roi_align_rotated as cpu_rotated
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 30, 26, generator=gen, dtype=torch.float64)
+    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=gen).double(),
+                      torch.rand(40, 2, generator=gen, dtype=torch.float64) * 30,
+                      1 + torch.rand(40, 2, generator=gen, dtype=torch.float64) * 15,
+                      torch.rand(40, 1, generator=gen, dtype=torch.float64) * 360 - 180], 1)
+    rois[3, 1] = math.nan
+    rois[4, 3] = math.inf
+    rois[5, 3:5] = 1e9  # covers the whole map
+    rois[6, 3:5] = 0.0  # empty
+    rois[7, 1:3] = -500.0  # off the map
+    grad = torch.randn(40, 5, 3, 2, generator=gen, dtype=torch.float64)
+    boxes = rois.detach()
+    table, _, _, batch, _, _, _ = cpu_rotated._prepare(boxes, 0.5, (3, 2), 2, True, False, True, torch.float64,
+                                                      30, 26, 2)
+    order = cpu_rotated._box_order(table, batch, 2, 30, 26)
+    assert sorted(order.tolist()) == list(range(40))
+    assert (np.diff(batch[order]) >= 0).all()  # image by image
+    assert not np.array_equal(order, np.arange(40))  # the random boxes are not already in order
+    results = []
+    for reorder in (None, lambda o: o[::-1].copy(), lambda o: np.random.default_rng(3).permutation(o)):
+        if reorder is not None:
+            monkeypatch.setattr(cpu_rotated, "_box_order", lambda *args, f=reorder: f(order))
+        xg, rg = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        with roialign.use_backend("numba"):
+            out = roialign.roi_align_rotated(xg, rg, (3, 2), 0.5, 2)
+        out.backward(grad)
+        results.append((out.detach(), xg.grad, rg.grad))
+    assert results[0][0][3].isnan().all() and results[0][0][0].isfinite().all()
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())

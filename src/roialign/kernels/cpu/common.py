@@ -365,11 +365,6 @@ def box_geometry(rois: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, ComputeT
     return rois.numpy(), compute_type(dtype)
 
 
-def box_jobs(k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Boxes in their own order, in a few more parts than threads (boxes differ in cost)."""
-    return np.arange(k, dtype=np.int64), ranges(k, 4 * workers.size())
-
-
 @contextlib.contextmanager
 def channel_runs(grad: Tensor, dtype: torch.dtype, halves: bool = False):
     """The output gradient ``grad`` ([K, C, PH, PW], any strides) as a [K, PH * PW, C] array in

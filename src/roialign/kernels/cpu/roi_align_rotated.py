@@ -26,10 +26,10 @@ from torch import Tensor
 from ..reference.common import angle_factor, compute_dtype, local_extent, rotated_row_span
 from ..reference.roi_align_rotated import geometry
 from .buffers import result_tensor
-from .common import (JIT, band_of, box_jobs, channel_runs, compute_type, store_band, visible_samples,
+from .common import (JIT, band_of, band_order, channel_runs, compute_type, store_band, visible_samples,
                      wide_vectors)
 from .layout import channels_last_map
-from .threads import TAP_BAND_BYTES, band_rows, workers
+from .threads import TAP_BAND_BYTES, band_rows, ranges, workers
 
 # Bytes per band of the input gradient (``threads.TAP_BAND_BYTES``; tests set it to vary the bands).
 BAND_BYTES = TAP_BAND_BYTES
@@ -88,11 +88,12 @@ def _sample_range(geo, grid, extent, k, p, pooled, axis, T):
 
 
 @numba.njit(**JIT)
-def _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T):
-    """The most visible samples of any bin along y and along x, over boxes ``[lo, hi)``."""
+def _table_capacity(geo, grid, extent, order, lo, hi, pooled_h, pooled_w, T):
+    """The most visible samples of any bin along y and along x, over boxes ``order[lo:hi]``."""
     cap_y = 1
     cap_x = 1
-    for k in range(lo, hi):
+    for j in range(lo, hi):
+        k = order[j]
         if grid[k, 0] < 0:
             continue
         for p in range(pooled_h):
@@ -189,13 +190,14 @@ def _add_channels(acc, w, pixel, channels):
 
 
 @numba.njit(**JIT)
-def _forward(feat, geo, grid, extent, batch, lo, hi, pooled_h, pooled_w, T, out):
+def _forward(feat, geo, grid, extent, batch, order, lo, hi, pooled_h, pooled_w, T, out):
     wide_vectors()
     n_img, height, width, channels = feat.shape
     acc = np.empty(channels, dtype=feat.dtype)
-    cap_y, cap_x = _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T)
+    cap_y, cap_x = _table_capacity(geo, grid, extent, order, lo, hi, pooled_h, pooled_w, T)
     y_first, y_count, yc, ys, x_first, x_count, xc, xs, patch = _tables(cap_y, cap_x, pooled_h, pooled_w, T)
-    for k in range(lo, hi):
+    for j in range(lo, hi):
+        k = order[j]
         if grid[k, 0] < 0:  # non-finite box
             out[k, :, :] = np.nan
             continue
@@ -283,13 +285,14 @@ def _backward_input_rows(grad_t, geo, grid, extent, order, lo, hi, rows_of_box, 
 
 
 @numba.njit(**JIT)
-def _backward_rois(grad, feat, geo, grid, extent, fixed, batch, lo, hi, pooled_h, pooled_w, T, grad_rois):
-    """d/d(cx, cy, w, h, theta) of boxes ``[lo, hi)`` in scaled pixels and radians, float64."""
+def _backward_rois(grad, feat, geo, grid, extent, fixed, batch, order, lo, hi, pooled_h, pooled_w, T, grad_rois):
+    """d/d(cx, cy, w, h, theta) of boxes ``order[lo:hi]`` in scaled pixels and radians, float64."""
     n_img, height, width, channels = feat.shape
     g = np.empty(channels, dtype=feat.dtype)
-    cap_y, cap_x = _table_capacity(geo, grid, extent, lo, hi, pooled_h, pooled_w, T)
+    cap_y, cap_x = _table_capacity(geo, grid, extent, order, lo, hi, pooled_h, pooled_w, T)
     y_first, y_count, yc, ys, x_first, x_count, xc, xs, _ = _tables(cap_y, cap_x, pooled_h, pooled_w, T)
-    for k in range(lo, hi):
+    for j in range(lo, hi):
+        k = order[j]
         if grid[k, 0] < 0:
             grad_rois[k, :] = np.nan
             continue
@@ -360,6 +363,18 @@ def _prepare(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampli
     return (table.numpy(), grid.numpy(), extent.numpy(), batch.numpy(), fixed.numpy(), compute_type(dtype), geo)
 
 
+def _box_order(table: np.ndarray, batch: np.ndarray, images: int, height: int, width: int) -> np.ndarray:
+    """The boxes in ``common.band_order`` of their axis-aligned bounds on the map (from the
+    geometry ``table``: centre, size, cos and sin in pixels), so that a job's consecutive boxes
+    read pixels still in cache. Each box is pooled on its own, so no result depends on the order;
+    a non-finite box gets some place in it."""
+    cx, cy, w, h, cos, sin = (table[:, i].astype(np.float64) for i in range(6))
+    half_x = 0.5 * (np.abs(w * cos) + np.abs(h * sin))
+    half_y = 0.5 * (np.abs(h * cos) + np.abs(w * sin))
+    bounds = np.stack([batch.astype(np.float64), cx - half_x, cy - half_y, cx + half_x, cy + half_y], 1)
+    return band_order(bounds, 1.0, images, height, width)
+
+
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
             sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool) -> Tensor:
     dtype = compute_dtype(input.dtype)
@@ -369,10 +384,10 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
                                                    aligned, clockwise, degrees, dtype, h, w, n)
     out = result_tensor((k, c, pooled_height, pooled_width), dtype)
     out_np = out.view(k, c, pooled_height * pooled_width).numpy()
-    _, parts = box_jobs(k)
+    order, parts = _box_order(table, batch, n, h, w), ranges(k, 4 * workers.size())
     with channels_last_map(input.detach().to(dtype)) as feat:
-        workers.run(_forward, [(feat, table, grid, extent, batch, lo, hi, pooled_height, pooled_width, T, out_np)
-                               for lo, hi in parts])
+        workers.run(_forward, [(feat, table, grid, extent, batch, order, lo, hi, pooled_height, pooled_width, T,
+                                out_np) for lo, hi in parts])
     return out if dtype == input.dtype else out.to(input.dtype)
 
 
@@ -396,7 +411,7 @@ def backward_input(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_heig
             grad_input = result_tensor((batch_size, channels, height, width), dtype)
             target, result = grad_input.numpy(), grad_input
         band = band_rows(BAND_BYTES, width * channels * grad_input.element_size(), height, batch_size)
-        cap_y, cap_x = _table_capacity(table, grid, extent, 0, table.shape[0], pooled_height, pooled_width, T)
+        cap_y, cap_x = _table_capacity(table, grid, extent, order, 0, order.size, pooled_height, pooled_width, T)
         jobs = [(grad_t, table, grid, extent, order, int(bounds[b]), int(bounds[b + 1]), rows, b, r0,
                  min(height, r0 + band), pooled_height, pooled_width, T, cap_y, cap_x, target, not channels_last)
                 for b in range(batch_size) for r0 in range(0, height, band)]
@@ -413,10 +428,10 @@ def backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: floa
                                                        sampling_ratio, aligned, clockwise, degrees, dtype, h, w, n)
     grad_np = grad.detach().to(dtype).contiguous().view(k, c, -1).numpy()
     acc = np.zeros((k, 5), dtype=np.float64)
-    _, parts = box_jobs(k)
+    order, parts = _box_order(table, batch, n, h, w), ranges(k, 4 * workers.size())
     with channels_last_map(input.detach().to(dtype)) as feat:
-        workers.run(_backward_rois, [(grad_np, feat, table, grid, extent, fixed, batch, lo, hi, pooled_height,
-                                      pooled_width, T, acc) for lo, hi in parts])
+        workers.run(_backward_rois, [(grad_np, feat, table, grid, extent, fixed, batch, order, lo, hi,
+                                      pooled_height, pooled_width, T, acc) for lo, hi in parts])
     scale = np.array([spatial_scale] * 4 + [angle_factor(degrees, clockwise)])
     grad_rois = np.zeros((k, 6), dtype=np.float64)
     grad_rois[:, 1:] = acc * scale
