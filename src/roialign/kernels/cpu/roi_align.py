@@ -473,14 +473,18 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
 # Launchers: torch tensors in, torch tensors out.
 
 
-# The forward gathers a bin's taps and adds four per pass over the channels when a pixel's channels
-# (in the accumulation type) take at least this many bytes; for shorter runs the gathering costs
-# more than it saves. Measured (2 threads, Intel Xeon, median of 9 alternations against one tap per
-# pass, whole forward): 256 channels 0.84-0.97 of the time in float64, 0.94-1.02 in float32 and
-# bfloat16; 64 channels 1.04-1.11 in float32 and bfloat16, 0.99 in float64. Both give the same
-# bits (tested). Measured again once the helper no longer took reference counts per bin (see
-# ``common.weigh_taps``): 64 channels grouped 0.96-1.02 of one tap per pass, still no gain.
-GROUPED_RUN_BYTES = 1024
+# The forward gathers a bin's taps and adds several per pass over the channels (``common.weigh_taps``)
+# when a pixel's channels (in the accumulation type) take at least this many bytes; for shorter
+# runs the gathering costs more than it saves. Both give the same bits (tested). Measured (2
+# threads, Intel Xeon, median of 9 alternations against one tap per pass, whole forward): 256
+# channels 0.84-0.97 of the time in float64, 0.94-1.02 in float32 and bfloat16; 64 channels
+# 1.04-1.11 in float32 and bfloat16 (256 bytes), 0.99 in float64 (512 bytes). 1024 bytes until the
+# seventh session of 2026-11-30; since eight taps per pass for float maps, runs of 512 bytes gain
+# too (AMD EPYC, 2 threads, median of 16-24 alternations, channels_last / NCHW input): float64 on
+# 64 channels 0.92 / 0.90 (adaptive) and 0.93 / 0.92 (a P3 map, 512 boxes); float32 on 128
+# channels 0.94 / 0.96-0.98; bfloat16 on 128 channels 0.94-0.96 / 0.97-1.00, float16 0.91-0.98 /
+# 0.98-1.00. Runs of 256 bytes still do not (float32 on 64 channels: 1.00-1.01 / 0.96-0.98).
+GROUPED_RUN_BYTES = 512
 
 
 # The forward pools bin rows in the order of the pixel rows they read (``_forward_rows``), from
