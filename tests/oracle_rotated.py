@@ -11,7 +11,9 @@ turned by the angle around the centre::
 The angle is reduced in float64 before any trigonometry (degrees: modulo 360, then to the
 nearest multiple of 90, which is applied exactly); cos and sin are then rounded to the
 geometry precision, in which the positions are computed in the published order of operations.
-Interpolation and sums are float64. The box gradient is the analytic derivative, holding the
+Adaptive sample counts (``ceil`` of the bin size) stop at 2^24 per axis with float32 geometry
+and 2^52 with float64, where that precision stops counting sample indices exactly; so a huge box
+keeps a bounded number of samples near the map. Interpolation and sums are float64. The box gradient is the analytic derivative, holding the
 adaptive sample counts fixed; ``tests/test_rotated.py`` checks it against finite differences.
 """
 
@@ -83,17 +85,23 @@ def roi_align_rotated(x, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio
             grad_rois[k, 1:] = np.nan
             continue
         bin_h, bin_w = roi_h / g(pooled_h), roi_w / g(pooled_w)
-        grid_h = sampling_ratio if sampling_ratio > 0 else max(int(math.ceil(bin_h)), 0)
-        grid_w = sampling_ratio if sampling_ratio > 0 else max(int(math.ceil(bin_w)), 0)
+        # Adaptive counts stop where the geometry precision stops counting sample indices exactly.
+        limit = 2**24 if g is np.float32 else 2**52
+        grid_h = sampling_ratio if sampling_ratio > 0 else min(max(int(math.ceil(bin_h)), 0), limit)
+        grid_w = sampling_ratio if sampling_ratio > 0 else min(max(int(math.ceil(bin_w)), 0), limit)
         count = max(grid_h * grid_w, 1)
         start_h, start_w = -roi_h / g(2.0), -roi_w / g(2.0)
         # The map [-1, H] x [-1, W] in box-local coordinates, for the gigantic-grid shortcut.
         corners = [(yc - float(cy), xc - float(cx)) for yc in (-1.0, h) for xc in (-1.0, w)]
-        margin = 2.0 + 1e-5 * (abs(float(cx)) + abs(float(cy)) + float(roi_w) + float(roi_h))
+        # Widened well beyond the rounding of positions: units in the last place of the centre and
+        # map, and of the box's size along each axis.
+        unit = 1e-5 if g is np.float32 else 1e-5 * 2.0**-29
+        reach = abs(float(cx)) + abs(float(cy)) + h + w
+        margin_y, margin_x = 2.0 + unit * (reach + float(roi_h)), 2.0 + unit * (reach + float(roi_w))
         local_y = [dy * cos64 + dx * sin64 for dy, dx in corners]
         local_x = [-dy * sin64 + dx * cos64 for dy, dx in corners]
-        y_range = (min(local_y) - margin, max(local_y) + margin)
-        x_range = (min(local_x) - margin, max(local_x) + margin)
+        y_range = (min(local_y) - margin_y, max(local_y) + margin_y)
+        x_range = (min(local_x) - margin_x, max(local_x) + margin_x)
         for ph in range(pooled_h):
             base_y = start_h + g(ph) * bin_h
             for pw in range(pooled_w):
@@ -108,6 +116,8 @@ def roi_align_rotated(x, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio
                         yy_sin, xx_cos = yy * sin_t, xx * cos_t
                         y = yy_cos - xx_sin + cy
                         xpos = yy_sin + xx_cos + cx
+                        if not (-1.0 <= y <= h and -1.0 <= xpos <= w):
+                            continue  # off the map: no value and no derivative (even if yy overflowed)
                         value, d_y, d_x, taps = _bilinear(x[b], float(y), float(xpos))
                         out[k, :, ph, pw] += value / count
                         if grad_out is None:

@@ -303,6 +303,130 @@ def test_huge_boxes_are_cheap(backend):
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-9)
 
 
+# Boxes far beyond the map, some beyond what float32 counts exactly, centred near a 7 x 6 map:
+# (width, height, angle) in pixels and degrees, adaptive sampling. The oracle visits them in
+# its own loops (cheaply, as one side is small: at most 64 samples per bin along it).
+HUGE_BOXES = [(1e9, 3.0, 30.0), (3.0, 1e13, -60.0), (1e16, 2.5, 10.0), (2.0, 3e7, 90.0), (1e30, 7.0, -135.0),
+              (4e7, 1.5, 0.0)]
+HUGE_FLOAT64_BOXES = [(1e100, 3.0, 20.0), (2.5, 1e300, 45.0)]  # beyond float32's range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_boxes_match_the_oracle(backend, dtype):
+    """Adaptive sample counts stop at 2^24 per axis in float32 and 2^52 in float64, and the extent
+    visited is widened for the rounding of the compute dtype: huge boxes, even float64 boxes far
+    beyond float32's range, cost about as much as the map, and give the oracle's numbers."""
+    rng = np.random.default_rng(7)
+    sizes = HUGE_BOXES + (HUGE_FLOAT64_BOXES if dtype == torch.float64 else [])
+    rois = torch.tensor([[0, 3.0 + rng.uniform(-2, 2), 3.5 + rng.uniform(-2, 2), w, h, a] for w, h, a in sizes],
+                        dtype=torch.float64)
+    x = torch.from_numpy(rng.standard_normal((1, 2, 7, 6)))
+    g = torch.from_numpy(rng.standard_normal((rois.shape[0], 2, 2, 2)))
+    out, gx, gr = _run(x, rois, 1.0, (2, 2), 0, True, False, True, dtype, g)
+    geometry = np.float64 if dtype == torch.float64 else np.float32
+    want, want_gx, want_gr = oracle_rotated.roi_align_rotated(x.numpy(), rois.numpy(), 1.0, 2, 2, 0, grad_out=g.numpy(),
+                                                              geometry=geometry)
+    assert (np.abs(want).sum((1, 2, 3)) > 0).sum() >= 4  # samples land on the map (not for samples 1e14 apart)
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out.numpy(), want, rtol=tol, atol=tol * 1e-3 * np.abs(want).max())
+    np.testing.assert_allclose(gx.numpy(), want_gx, rtol=tol, atol=tol * 1e-3 * np.abs(want_gx).max())
+    # Per box: the centre and angle derivatives are of the map's scale, the size ones tiny.
+    scale = np.abs(want_gr).max(1, keepdims=True)
+    scale = np.where(scale > 0, scale, 1.0)
+    np.testing.assert_allclose(gr.numpy() / scale, want_gr / scale, rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_boxes_visit_a_bounded_number_of_samples(dtype):
+    """However large or far a box, the samples of a bin tested along either axis stay bounded:
+    the rounding margin on each side is about 33 units in the last place of the box's size plus
+    its reach to the map (at most about 1.5 sizes when it covers the map), and a capped sample
+    count spaces samples ``size / (pooled * 2^24)`` (float32) apart: 33 * 2.5 * 2^24 * 2^-23 *
+    pooled, about 170 * pooled samples per side, plus the map itself (every backend uses this
+    extent)."""
+    from roialign.kernels.reference import roi_align_rotated as ref_rotated
+
+    height, width = 12, 10
+    rows = [[0, 5.0, 6.0, s, t, a] for s in (1e7, 1e13, 1e16, 3e38) for t in (2.0, 1e9, 1e16, 3e38)
+            for a in (0.0, 30.0, 90.0, -100.0)]
+    far = 4e11  # centres far away along the box's long axis, which passes over the map
+    # (In float32, such a centre rounds positions by thousands of pixels unless the box is
+    # axis-aligned, and every sample within that must be tested: only 0 degrees is bounded so.)
+    for a in (0.0, 30.0, -75.0) if dtype == torch.float64 else (0.0, 90.0):
+        r = math.radians(a)
+        rows.append([0, 5.0 - far * math.sin(r), 6.0 - far * math.cos(r), 1e6, 1e12, a])
+    rows += [[0, v, 6.0, 3e7, 2.0, 0.0] for v in (1e7, -1e7)]
+    if dtype == torch.float64:
+        rows += [[0, 5.0, 6.0, s, t, 33.0] for s in (1e100, 1e300) for t in (3.0, 1e200)]
+    rois = torch.tensor(rows, dtype=torch.float64)
+    for pooled in ((2, 2), (7, 7)):
+        geo = ref_rotated.geometry(rois, 1.0, pooled, 0, True, True, False, dtype)
+        assert geo.finite.all()
+        for k in range(rois.shape[0]):
+            sy, sx = ref_rotated.visible_counts(geo, k, k + 1, height, width, pooled)
+            assert max(sy, sx) <= 2 * 170 * max(pooled) + 2 * (height + width) + 8, (rows[k], pooled, sy, sx)
+
+
+def test_cpu_visits_every_sample_a_much_wider_extent_finds(monkeypatch):
+    """The extent's rounding margins are tight; widening them 100-fold (and the same along both
+    axes) must not add one sample: the CPU kernels give the same bits either way."""
+    pytest.importorskip("numba")
+    from roialign.kernels.cpu import roi_align_rotated as cpu_rotated
+
+    rng = np.random.default_rng(3)
+    for dtype in (torch.float32, torch.float64):
+        rows = [[0, 3.0 + rng.uniform(-3, 3), 3.5 + rng.uniform(-3, 3), w, h, rng.uniform(-180, 180)]
+                for w, h in ((1e7, 3.0), (2.0, 3e8), (1e9, 1e9), (5e5, 40.0), (1e13, 1e4))]
+        for a in (0.0, 20.0, -90.0):  # centres 1e8 away along the box's long axis
+            r = math.radians(a)
+            rows.append([0, 3.0 - 1e8 * math.sin(r), 3.5 - 1e8 * math.cos(r), 300.0, 4e8, a])
+        rois = torch.tensor(rows, dtype=torch.float64)
+        x = torch.from_numpy(rng.standard_normal((1, 3, 7, 6))).to(dtype)
+        g = torch.from_numpy(rng.standard_normal((rois.shape[0], 3, 3, 2))).to(dtype)
+        results = []
+        for widen in (0.0, 1.0):
+            def extent(cx, cy, cos, sin, height, width, w, h, dt, real=cpu_rotated.local_extent, widen=widen):
+                y_lo, y_hi, x_lo, x_hi = real(cx, cy, cos, sin, height, width, w, h, dt)
+                unit = 4e-4 if dt == torch.float32 else 4e-4 * 2.0**-29
+                more = widen * (2.0 + unit * (cx.double().abs() + cy.double().abs() + w.double() + h.double()
+                                              + height + width))
+                return y_lo - more, y_hi + more, x_lo - more, x_hi + more
+
+            monkeypatch.setattr(cpu_rotated, "local_extent", extent)
+            xg, rg = x.clone().requires_grad_(), rois.clone().requires_grad_()
+            with roialign.use_backend("numba"):
+                out = roialign.roi_align_rotated(xg, rg, (3, 2), 1.0, 0)
+            out.backward(g)
+            results.append((out.detach(), xg.grad, rg.grad))
+        assert results[0][0].abs().sum() > 0
+        for a, b in zip(*results):
+            assert torch.equal(a, b), dtype
+
+
+def test_reference_takes_a_huge_box_in_windows_of_its_samples(monkeypatch):
+    """The pure-PyTorch kernels take a box whose samples near the map exceed their memory budget
+    in windows of those samples; any window size gives the same numbers."""
+    from roialign.kernels.reference import roi_align_rotated as ref_rotated
+
+    rng = np.random.default_rng(4)
+    rois = torch.tensor([[0, 3.0, 3.5, 1e9, 3.0, 30.0], [1, 2.0, 4.0, 9.0, 7.0, -40.0], [0, 3.0, 3.0, 5.0, 1e8, 95.0]],
+                        dtype=torch.float64)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 7, 6)))
+    g = torch.from_numpy(rng.standard_normal((3, 3, 2, 2)))
+    results = []
+    for budget in (ref_rotated._BUDGET, 64, 5):
+        monkeypatch.setattr(ref_rotated, "_BUDGET", budget)
+        xg, rg = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        with roialign.use_backend("reference"):
+            out = roialign.roi_align_rotated(xg, rg, 2, 1.0, 0)
+        out.backward(g)
+        results.append((out.detach(), xg.grad, rg.grad))
+    assert results[0][0].abs().sum() > 0
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_non_finite_boxes_give_nan_for_that_box_only(backend):
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
     good = [0, 3.0, 3.0, 2.0, 2.0, 10.0]

@@ -6,7 +6,7 @@ channels of its four taps: features are read channels-last (``[N, H, W, C]``, an
 is transposed once per call by ``common``), so each tap is one contiguous, vectorised run.
 
 Only the samples whose box-local coordinates fall in the map's extent seen from the box
-(``reference.common.local_extent``, widened for float32 rounding) are visited; each is then
+(``reference.common.local_extent``, widened for rounding) are visited; each is then
 tested exactly, so a huge box costs no more than the map.
 
 Threads and determinism are those of ``roi_align``: jobs own boxes (forward, box gradient) or
@@ -353,8 +353,8 @@ def _prepare(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampli
     table = torch.stack([geo.cx, geo.cy, geo.width, geo.height, geo.cos, geo.sin], 1).contiguous()
     grid = torch.stack([geo.grid_h, geo.grid_w], 1).long()
     grid[~geo.finite] = -1
-    margin = 0.5 + 4e-6 * (geo.cx.abs() + geo.cy.abs() + geo.width + geo.height).double()
-    extent = torch.stack(local_extent(geo.cx, geo.cy, geo.cos, geo.sin, height, width, margin), 1).contiguous()
+    extent = torch.stack(local_extent(geo.cx, geo.cy, geo.cos, geo.sin, height, width, geo.width, geo.height, dtype),
+                         1).contiguous()
     batch = rois[:, 0].detach().nan_to_num(0).clamp(0, max(batch_size - 1, 0)).long()
     if geo.fixed_w is None:
         fixed = torch.zeros(rois.shape[0], 2, dtype=torch.bool)

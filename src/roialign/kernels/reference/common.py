@@ -69,18 +69,44 @@ def rotated_row_span(rois: Tensor, cos: Tensor, sin: Tensor, spatial_scale: floa
     return torch.stack((first, last), 1).clamp(0, max(height - 1, 0)).long()
 
 
-def local_extent(cx: Tensor, cy: Tensor, cos: Tensor, sin: Tensor, height: int, width: int,
-                 margin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def adaptive_grid_limit(dtype: torch.dtype) -> float:
+    """The most samples per bin and axis that rotated adaptive sampling takes: 2^24 in float32
+    and 2^52 in float64, where the compute dtype stops counting sample indices exactly. With
+    ``local_extent``'s margins this bounds the samples a huge box visits beyond the map."""
+    return float(2**24) if compute_dtype(dtype) == torch.float32 else float(2**52)
+
+
+def local_extent(cx: Tensor, cy: Tensor, cos: Tensor, sin: Tensor, height: int, width: int, w: Tensor, h: Tensor,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The map ``[-1, H] x [-1, W]`` seen in each rotated box's own axes (float64): the
     smallest ``[y_lo, y_hi] x [x_lo, x_hi]`` of box-local coordinates holding every sample that
-    can land on the map, widened by ``margin``. Samples outside it need not be visited."""
+    can land on the map, widened for the rounding of sample positions computed in ``dtype``'s
+    compute dtype. Samples outside it need not be visited.
+
+    Rounding, in units in the last place (ulps) of the compute dtype: a sample's box-local
+    coordinate is off by a few ulps of the box's size along that axis; its position on the map
+    by a few ulps of the products that enter it, which for a sample near the map are bounded by
+    the map's box-local extent (``Y``, ``X``: the largest magnitudes of the corners' local
+    coordinates), i.e. by ``Y|cos| + X|sin| + H`` in y and ``Y|sin| + X|cos| + W`` in x; an
+    error on the map widens the local extent by it turned back into the box's axes. Each axis
+    gets half a pixel plus about 33 ulps of all that (a few would do). So a box huge along one
+    axis, or far away along an axis it is aligned with, adds nothing along the other, and
+    float64 boxes far beyond float32's range stay cheap. Non-finite boxes have been replaced
+    by empty ones before this.
+    """
     dy = torch.stack((-1.0 - cy, height - cy), -1).double()[..., :, None]
     dx = torch.stack((-1.0 - cx, width - cx), -1).double()[..., None, :]
     c, s = cos.double()[:, None, None], sin.double()[:, None, None]
     local_y = (dy * c + dx * s).flatten(1)
     local_x = (dx * c - dy * s).flatten(1)
-    m = margin.double()
-    return (local_y.amin(1) - m, local_y.amax(1) + m, local_x.amin(1) - m, local_x.amax(1) + m)
+    ulps = 4e-6 if compute_dtype(dtype) == torch.float32 else 4e-6 * 2.0**-29
+    big_y, big_x = local_y.abs().amax(1), local_x.abs().amax(1)
+    ac, as_ = cos.double().abs(), sin.double().abs()
+    on_map_y = big_y * ac + big_x * as_ + (height + 1)
+    on_map_x = big_y * as_ + big_x * ac + (width + 1)
+    m_y = 0.5 + ulps * (ac * on_map_y + as_ * on_map_x + h.double().abs())
+    m_x = 0.5 + ulps * (as_ * on_map_y + ac * on_map_x + w.double().abs())
+    return (local_y.amin(1) - m_y, local_y.amax(1) + m_y, local_x.amin(1) - m_x, local_x.amax(1) + m_x)
 
 
 def sample_range(base: Tensor, bin_size: Tensor, grid: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,8 +3,9 @@
 The fallback for devices without a fast kernel. A rotated sample is not separable into a row
 and a column, so every sample gets its own four taps. For each bin, only the samples whose
 box-local coordinates fall in the map's extent seen from the box (``common.local_extent``)
-are generated, so a huge box costs no more than the map. Boxes (and, for big ones, channels)
-are processed in chunks so that no temporary grows beyond ``_BUDGET`` elements.
+are generated, so a huge box costs about as much as the map. Boxes (and, for big ones,
+channels; for a box whose samples near the map alone exceed the budget, windows of those
+samples) are processed in chunks so that no temporary grows beyond ``_BUDGET`` elements.
 
 The box gradient is analytic: each tap weight's derivative with respect to the sample's y
 and x, chained to the box's centre, size and angle. A clamped coordinate, a sample on the last
@@ -21,11 +22,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .common import angle_factor, compute_dtype, local_extent, rotation, sample_range
+from .common import adaptive_grid_limit, angle_factor, compute_dtype, local_extent, rotation, sample_range
 
 _BUDGET = 1 << 22  # elements of the largest gathered block
 _BOX_BLOCK = 512  # boxes whose geometry is built together, before any split
-_MAX_GRID = float(2**52)
+_UNBOUNDED = 2**62  # a window end beyond any sample count
 
 
 class Geometry(NamedTuple):
@@ -70,8 +71,9 @@ def geometry(rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampli
         grid_h = torch.full_like(w, sampling_ratio, dtype=torch.float64)
         grid_w = grid_h.clone()
     else:
-        grid_h = torch.ceil(h.detach() / pooled[0]).double().clamp(0, _MAX_GRID)
-        grid_w = torch.ceil(w.detach() / pooled[1]).double().clamp(0, _MAX_GRID)
+        limit = adaptive_grid_limit(dtype)
+        grid_h = torch.ceil(h.detach() / pooled[0]).double().clamp(0, limit)
+        grid_w = torch.ceil(w.detach() / pooled[1]).double().clamp(0, limit)
     zero = torch.zeros_like(grid_h)
     return Geometry(cx, cy, w, h, cos, sin, finite, torch.where(finite, grid_h, zero), torch.where(finite, grid_w, zero),
                     fixed_w, fixed_h)
@@ -83,14 +85,25 @@ class Taps(NamedTuple):
     d_box: Tensor | None  # [5, B, P, S] d weight / d (cx, cy, w, h, theta), scaled like ``weight``
 
 
-def _axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, lo: Tensor, hi: Tensor,
-                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Box-local coordinates ``[B, pooled, S]`` of the samples of each bin that can land on the
-    map along one box axis, which of them are real (not padding), and their coordinates as a
-    fraction of the box size (``-1/2 .. 1/2``: the derivative of the coordinate by the size)."""
-    p = torch.arange(pooled, device=start.device, dtype=dtype)
+def _visible(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, lo: Tensor,
+             hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Along one box axis: each bin's start ``[B, P]``, and the first index and count of its
+    samples that can land on the map."""
+    p = torch.arange(pooled, device=start.device, dtype=start.dtype)
     base = start[:, None] + p * bin_size[:, None]  # [B, P]
     first, count = sample_range(base.detach(), bin_size.detach()[:, None], grid[:, None], lo[:, None], hi[:, None])
+    return base, first, count
+
+
+def _axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, lo: Tensor, hi: Tensor,
+                  dtype: torch.dtype, window: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Box-local coordinates ``[B, pooled, S]`` of the samples of each bin that can land on the
+    map along one box axis, from the ``window[0]``-th to before the ``window[1]``-th of them,
+    which of them are real (not padding), and their coordinates as a fraction of the box size
+    (``-1/2 .. 1/2``: the derivative of the coordinate by the size)."""
+    base, first, count = _visible(start, bin_size, grid, pooled, lo, hi)
+    first = first + window[0]
+    count = (count - window[0]).clamp(0, window[1] - window[0])
     n = int(count.max().item()) if count.numel() else 0
     i = first[..., None] + torch.arange(n, device=start.device, dtype=torch.float64)
     real = torch.arange(n, device=start.device) < count[..., None]
@@ -101,16 +114,34 @@ def _axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, lo
     return local, real, fraction.to(dtype)
 
 
+def _extent(geo: Geometry, a: int, b: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cx, cy, w, h, cos, sin = (v[a:b].detach() for v in geo[:6])
+    return local_extent(cx, cy, cos, sin, height, width, w, h, geo.cx.dtype)
+
+
+def visible_counts(geo: Geometry, a: int, b: int, height: int, width: int, pooled: tuple[int, int]) -> tuple[int, int]:
+    """The most samples of any bin of boxes ``[a, b)`` that can land on the map, along y and along x."""
+    y_lo, y_hi, x_lo, x_hi = _extent(geo, a, b, height, width)
+    w, h = geo.width[a:b].detach(), geo.height[a:b].detach()
+    most = []
+    for size, grid, n, lo, hi in ((h, geo.grid_h, pooled[0], y_lo, y_hi), (w, geo.grid_w, pooled[1], x_lo, x_hi)):
+        count = _visible(-size / 2, size / n, grid[a:b], n, lo, hi)[2]
+        most.append(int(count.max().item()) if count.numel() else 0)
+    return most[0], most[1]
+
+
 def taps(geo: Geometry, a: int, b: int, height: int, width: int, pooled: tuple[int, int],
-         derivatives: bool = False) -> Taps:
+         derivatives: bool = False, window: tuple[int, int, int, int] | None = None) -> Taps:
     """The four taps of every sample of boxes ``[a, b)``, flattened per bin; with
-    ``derivatives``, also each tap weight's derivative with respect to the box geometry."""
+    ``derivatives``, also each tap weight's derivative with respect to the box geometry. A
+    ``window`` ``(y0, y1, x0, x1)`` keeps, of each bin's samples that can land on the map, those
+    from the ``y0``-th to before the ``y1``-th along y and likewise along x."""
     dtype = geo.cx.dtype
     cx, cy, w, h, cos, sin = (v[a:b] for v in geo[:6])
-    margin = 0.5 + 4e-6 * (cx.detach().abs() + cy.detach().abs() + w.detach() + h.detach())
-    y_lo, y_hi, x_lo, x_hi = local_extent(cx.detach(), cy.detach(), cos.detach(), sin.detach(), height, width, margin)
-    yy, real_y, ty = _axis_samples(-h / 2, h / pooled[0], geo.grid_h[a:b], pooled[0], y_lo, y_hi, dtype)
-    xx, real_x, tx = _axis_samples(-w / 2, w / pooled[1], geo.grid_w[a:b], pooled[1], x_lo, x_hi, dtype)
+    y_lo, y_hi, x_lo, x_hi = _extent(geo, a, b, height, width)
+    y0, y1, x0, x1 = window if window is not None else (0, _UNBOUNDED, 0, _UNBOUNDED)
+    yy, real_y, ty = _axis_samples(-h / 2, h / pooled[0], geo.grid_h[a:b], pooled[0], y_lo, y_hi, dtype, (y0, y1))
+    xx, real_x, tx = _axis_samples(-w / 2, w / pooled[1], geo.grid_w[a:b], pooled[1], x_lo, x_hi, dtype, (x0, x1))
     yy, ty = yy[:, :, None, :, None], ty[:, :, None, :, None]  # [B, PH, 1, Sy, 1]
     xx, tx = xx[:, None, :, None, :], tx[:, None, :, None, :]  # [B, 1, PW, 1, Sx]
     c, s = cos[:, None, None, None, None], sin[:, None, None, None, None]
@@ -156,7 +187,9 @@ def taps(geo: Geometry, a: int, b: int, height: int, width: int, pooled: tuple[i
     if geo.fixed_w is not None:  # legacy sizes raised to one pixel do not move with the box
         tx = tx * (~geo.fixed_w[a:b]).to(dtype)[:, None, None]
         ty = ty * (~geo.fixed_h[a:b]).to(dtype)[:, None, None]
-    yy_t, xx_t = per_tap(yy), per_tap(xx)
+    # A sample off the map moves nothing; its local coordinates may have overflowed (boxes near 1e300).
+    zero = torch.zeros_like(y)
+    yy_t, xx_t = per_tap(torch.where(inside, yy, zero)), per_tap(torch.where(inside, xx, zero))
     d_box = torch.stack((dx, dy, dx * tx * cs - dy * tx * sn, dy * ty * cs + dx * ty * sn,
                          dx * (yy_t * cs - xx_t * sn) - dy * (yy_t * sn + xx_t * cs)))
     return Taps(flat, weight, d_box)
@@ -172,18 +205,27 @@ def chunks(geo: Geometry, shape: tuple[int, int, int, int], pooled: tuple[int, i
            derivatives: bool = False) -> Iterator[Chunk]:
     """Blocks of boxes (and of channels, for big boxes) whose gathered values fit the budget, in order."""
     n, c, h, w = shape
+    bins = pooled[0] * pooled[1]
 
     def build(a: int, b: int) -> Iterator[Chunk]:
-        t = taps(geo, a, b, h, w, pooled, derivatives)
-        per_box = t.flat.shape[1] * max(t.flat.shape[2], 1)
+        sy, sx = visible_counts(geo, a, b, h, w, pooled)
+        per_box = bins * max(4 * sy * sx, 1)
         if b - a > 1 and (b - a) * per_box * c > _BUDGET:
             mid = (a + b) // 2
             yield from build(a, mid)
             yield from build(mid, b)
             return
-        step = max(1, _BUDGET // (per_box * (b - a)))
-        for c0 in range(0, c, step):
-            yield Chunk(slice(a, b), slice(c0, min(c, c0 + step)), t)
+        # One box whose samples near the map alone exceed the budget (huge float32 coordinates,
+        # whose rounding widens the extent by many samples) is taken in windows of its samples.
+        wy, wx = max(sy, 1), max(sx, 1)
+        while bins * 4 * wy * wx > _BUDGET and wy * wx > 1:
+            wy, wx = (wy, (wx + 1) // 2) if wx >= wy else ((wy + 1) // 2, wx)
+        for y0 in range(0, max(sy, 1), wy):
+            for x0 in range(0, max(sx, 1), wx):
+                t = taps(geo, a, b, h, w, pooled, derivatives, (y0, y0 + wy, x0, x0 + wx))
+                step = max(1, _BUDGET // (bins * max(t.flat.shape[2], 1) * (b - a)))
+                for c0 in range(0, c, step):
+                    yield Chunk(slice(a, b), slice(c0, min(c, c0 + step)), t)
 
     k = geo.cx.shape[0]
     for a in range(0, k, _BOX_BLOCK):
@@ -213,7 +255,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     batch = _batch(rois, n)
     for chunk in chunks(geo, (n, c, h, w), pooled):
         values = _gather(planes, batch, chunk).to(dtype)
-        out[chunk.boxes, chunk.channels] = torch.einsum("bcps,bps->bcp", values, chunk.taps.weight)
+        out[chunk.boxes, chunk.channels] += torch.einsum("bcps,bps->bcp", values, chunk.taps.weight)
     out = torch.where(geo.finite[:, None, None], out, torch.full_like(out, math.nan))
     return out.view(rois.shape[0], c, pooled_height, pooled_width).to(input.dtype)
 

@@ -318,7 +318,8 @@ def _backward_rois_kernel(grad_ptr, x_ptr, params_ptr, first_ptr, count_ptr, bas
         d_cy += dvy
         d_w += dvx * fr_x * cos - dvy * fr_x * sin
         d_h += dvy * fr_y * cos + dvx * fr_y * sin
-        d_t += dvx * (yy * cos - xx * sin) - dvy * (yy * sin + xx * cos)
+        # Off the map a sample moves nothing; its yy and xx may have overflowed (boxes near 1e300).
+        d_t += tl.where(inside, dvx * (yy * cos - xx * sin) - dvy * (yy * sin + xx * cos), 0.0).to(acc_dtype)
     out = out_ptr + k * 5
     tl.store(out + 0, tl.sum(tl.sum(d_cx, axis=1), axis=0) / count)
     tl.store(out + 1, tl.sum(tl.sum(d_cy, axis=1), axis=0) / count)
@@ -345,8 +346,8 @@ def _plan(rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: 
     rois = rois.detach()
     geo = geometry(rois, spatial_scale, (pooled_height, pooled_width), sampling_ratio, aligned, degrees, clockwise,
                    dtype)
-    margin = 0.5 + 4e-6 * (geo.cx.abs() + geo.cy.abs() + geo.width + geo.height)
-    y_lo, y_hi, x_lo, x_hi = local_extent(geo.cx, geo.cy, geo.cos, geo.sin, height, width, margin)
+    y_lo, y_hi, x_lo, x_hi = local_extent(geo.cx, geo.cy, geo.cos, geo.sin, height, width, geo.width, geo.height,
+                                          dtype)
 
     def axis(size: Tensor, pooled: int, grid: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, ...]:
         bin_size = size / pooled
