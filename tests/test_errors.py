@@ -33,6 +33,19 @@ ROIS = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0], [1, 0.0, 2.0, 7.0, 3.0]])
     (lambda: roialign.roi_align(X, ROIS, 2, spatial_scale="1"), TypeError, r"spatial_scale must be a float"),
     (lambda: roialign.roi_align(X, ROIS, 2, sampling_ratio=1.5), TypeError, r"sampling_ratio must be an int"),
     (lambda: roialign.roi_align(X, ROIS, 2, aligned=1), TypeError, r"aligned must be a bool"),
+    # Ratios beyond a million samples per bin exhausted memory, ran for hours or overflowed.
+    (lambda: roialign.roi_align(X, ROIS, 2, sampling_ratio=1025), ValueError, r"sampling_ratio must be at most 1024"),
+    (lambda: roialign.roi_align(X, ROIS, 2, sampling_ratio=10**6, mode="max"), ValueError, r"sampling_ratio"),
+    (lambda: roialign.roi_align(X, ROIS, 2, sampling_ratio=2**70), ValueError, r"sampling_ratio.*got 1180591"),
+    (lambda: roialign.roi_align(X, ROIS, 2, sampling_ratio=-2**70), ValueError, r"sampling_ratio.*-2\*\*31"),
+    (lambda: roialign.roi_align_rotated(X, torch.tensor([[0, 4.0, 4.0, 3.0, 2.0, 30.0]]), 2, 1.0, 10**6), ValueError,
+     r"sampling_ratio must be at most 1024"),
+    (lambda: roialign.ROIAlign(3, 1.0, 4096), ValueError, r"sampling_ratio must be at most 1024"),
+    (lambda: roialign.MultiScaleRoIAlign(["p2"], 7, 2**40), ValueError, r"sampling_ratio must be at most 1024"),
+    (lambda: torch.ops.roialign.roi_align(X, ROIS, 1.0, 2, 2, 5000, True), ValueError,
+     r"sampling_ratio must be at most 1024"),
+    (lambda: torch.ops.roialign.roi_align_rotated(X, torch.tensor([[0, 4.0, 4.0, 3.0, 2.0, 30.0]]), 1.0, 2, 2, 5000,
+                                                  True, False, True), ValueError, r"sampling_ratio"),
     (lambda: roialign.roi_align(X, ROIS.to("meta"), 2), ValueError, r"input and rois must be on the same device"),
     (lambda: roialign.roi_align(X, torch.tensor([[2.0, 1, 1, 5, 5]]), 2), IndexError, r"rois\[0, 0\] is 2.0"),
     (lambda: roialign.roi_align(X, torch.tensor([[0, 1, 1, 5, 5], [-1.0, 1, 1, 5, 5]]), 2), IndexError,
@@ -93,3 +106,27 @@ def test_batch_index_check_names_the_first_bad_box_in_every_dtype(dtype, bad):
         roialign.roi_align(X.to(dtype), torch.cat((rois, rois), dim=1)[:, :5], 2)
     rois[3, 0], rois[5, 0] = 1.0, 0.0
     assert roialign.roi_align(X.to(dtype), rois, 2).shape == (6, X.shape[1], 2, 2)
+
+
+@pytest.mark.interpreter_heavy
+def test_the_largest_sampling_ratio_runs(backend):
+    """sampling_ratio=1024, the largest accepted (a million samples per bin), runs on every
+    backend: its average is the bin's exact average (PrRoIPool's) to within the midpoint rule's
+    error, the rotated op at 0 degrees takes the same samples, and max mode agrees across
+    backends."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 6, 7, generator=gen, dtype=torch.float64)
+    rois = torch.tensor([[0, 0.7, 1.2, 5.9, 4.4], [0, 2.0, 0.6, 3.1, 5.4]], dtype=torch.float64)
+    out = roialign.roi_align(x, rois, 2, 1.0, 1024, aligned=True)
+    shifted = rois.clone()
+    shifted[:, 1:] -= 0.5  # PrRoIPool has pixels at integer coordinates, aligned RoIAlign at half-integers
+    exact = roialign.prroi_pool(x, shifted, 2, 1.0)
+    torch.testing.assert_close(out, exact, rtol=0, atol=1e-5)
+    assert (out - exact).abs().max() < (roialign.roi_align(x, rois, 2, 1.0, 4, aligned=True) - exact).abs().max()
+    centre, size = (rois[:, 1:3] + rois[:, 3:5]) / 2, rois[:, 3:5] - rois[:, 1:3]
+    rotated = torch.cat([rois[:, :1], centre, size, torch.zeros(2, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(roialign.roi_align_rotated(x, rotated, 2, 1.0, 1024), out, rtol=0, atol=1e-12)
+    most = roialign.roi_align(x, rois, 2, 1.0, 1024, aligned=True, mode="max")
+    with roialign.use_backend("reference"):
+        want = roialign.roi_align(x, rois, 2, 1.0, 1024, aligned=True, mode="max")
+    torch.testing.assert_close(most, want, rtol=0, atol=1e-12)

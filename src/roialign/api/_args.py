@@ -11,6 +11,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from ..ops.common import check_sampling_ratio
+
 BoxesLike = Tensor | Sequence[Tensor]
 F = TypeVar("F", bound=Callable)
 
@@ -87,6 +89,7 @@ def check_scalars(spatial_scale: float, sampling_ratio: int, aligned: bool) -> N
     check_spatial_scale(spatial_scale)
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive sampling); got {sampling_ratio!r}")
+    check_sampling_ratio(int(sampling_ratio))
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool; got {aligned!r}")
 

@@ -121,7 +121,7 @@ def export_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
                                         aligned, True)
         return op.roi_align(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
     # The dynamo exporter (torch.export, then translation): record the ONNX node directly.
-    op._check_tensors(input, rois, pooled_height, pooled_width)
+    op._check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     compute = compute_dtype(input.dtype)
     x = input.to(compute)
     out = torch.onnx.ops.symbolic(

@@ -15,6 +15,22 @@ from .. import _backend
 from ..kernels.reference.common import is_channels_last  # noqa: F401 (the operators' rule for layouts)
 
 
+MAX_SAMPLING_RATIO = 1024  # samples per bin side: a million per bin
+
+
+def check_sampling_ratio(sampling_ratio: int) -> None:
+    """ValueError naming ``sampling_ratio`` beyond ``MAX_SAMPLING_RATIO`` (or below -2**31).
+
+    A fixed ratio ``s`` takes ``s * s`` samples per bin, and every operator visits those that can
+    land on the map: at 1024, a million per bin, far beyond any detector's (0 to 4) and beyond
+    the point where more samples change the average (``prroi_pool`` gives the bin's exact
+    average). Much larger ratios exhausted memory or ran for hours, or overflowed the kernels'
+    integers."""
+    if sampling_ratio > MAX_SAMPLING_RATIO or sampling_ratio < -(2**31):
+        raise ValueError(f"sampling_ratio must be at most {MAX_SAMPLING_RATIO} samples per bin side, or <= 0 "
+                         f"(down to -2**31) for adaptive sampling; got {sampling_ratio!r}")
+
+
 def check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int, fields: str) -> None:
     """Shape, dtype and device checks of an operator's features and boxes; ``fields`` names the
     box columns (``rois`` must be ``[K, len(fields)]``). Shared by real and fake implementations."""

@@ -27,12 +27,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float], pooled_height: int,
-           pooled_width: int) -> None:
+           pooled_width: int, sampling_ratio: int) -> None:
     if len(features) == 0 or len(features) != len(scales):
         raise ValueError(f"features and scales must have the same, non-zero length; got {len(features)} feature maps "
                          f"and {len(scales)} scales")
     for feature in features:
-        _check_tensors(feature, rois, pooled_height, pooled_width)
+        _check_tensors(feature, rois, pooled_height, pooled_width, sampling_ratio)
     first = features[0]
     for i, feature in enumerate(features[1:], 1):
         if feature.shape[:2] != first.shape[:2]:
@@ -56,7 +56,7 @@ def _level_index(levels: Tensor, level: int) -> Tensor:
 def multiscale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
                          pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Box ``k`` pooled from ``features[levels[k]]`` at ``scales[levels[k]]``; the first map's dtype."""
-    _check(features, rois, levels, scales, pooled_height, pooled_width)
+    _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
     check_batch_index(rois, features[0].shape[0])
     if levels.numel() and bool(((levels < 0) | (levels >= len(features))).any()):
         raise IndexError(f"levels must lie in [0, {len(features)}); got values from {int(levels.min())} "
@@ -76,7 +76,7 @@ def multiscale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, s
 
 @multiscale_roi_align.register_fake
 def _(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
-    _check(features, rois, levels, scales, pooled_height, pooled_width)
+    _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
     first = features[0]
     return first.new_empty((rois.shape[0], first.shape[1], pooled_height, pooled_width))
 

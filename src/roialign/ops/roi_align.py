@@ -13,13 +13,16 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, check_tensors, checked_rois, is_channels_last, register_triton_decomposition
+from .common import (check_batch_index, check_sampling_ratio, check_tensors, checked_rois, is_channels_last,
+                     register_triton_decomposition)
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_backward_rois"]
 
 
-def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> None:
+def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int,
+                   sampling_ratio: int) -> None:
     check_tensors(input, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2")
+    check_sampling_ratio(sampling_ratio)
 
 
 def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
@@ -27,7 +30,7 @@ def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_heigh
     """RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``,
     channels_last when the input is (:func:`output_format`). The operator's implementation (see
     ``common.call_op``)."""
-    _check_tensors(input, rois, pooled_height, pooled_width)
+    _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     check_batch_index(rois, input.shape[0])
     return _forward(_backend.select(input.device, "roi_align"), input, rois, spatial_scale, pooled_height, pooled_width,
                     sampling_ratio, aligned)
@@ -57,7 +60,7 @@ def _forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sa
 
 @roi_align.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-    _check_tensors(input, rois, pooled_height, pooled_width)
+    _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     return torch.empty((rois.shape[0], input.shape[1], pooled_height, pooled_width), dtype=input.dtype,
                        device=input.device, memory_format=output_format(input))
 
@@ -140,7 +143,7 @@ roi_align.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _traced_forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-    _check_tensors(input, rois, pooled_height, pooled_width)
+    _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     rois = checked_rois(rois, input.shape[0])
     return _forward(kernel, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
 

@@ -14,22 +14,24 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, check_tensors, gradient_like, is_channels_last
+from .common import check_batch_index, check_sampling_ratio, check_tensors, gradient_like, is_channels_last
 
 __all__ = ["roi_align_max", "roi_align_max_backward"]
 
 _OPERATOR = "roi_align_max"
 
 
-def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> None:
+def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int,
+                   sampling_ratio: int) -> None:
     check_tensors(input, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2")
+    check_sampling_ratio(sampling_ratio)
 
 
 def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int,
                  sampling_ratio: int, aligned: bool, onnx: bool) -> Tensor:
     """Max-mode RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``.
     The operator's implementation (see ``common.call_op``)."""
-    _check_tensors(input, rois, pooled_height, pooled_width)
+    _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     check_batch_index(rois, input.shape[0])
     k, c = rois.shape[0], input.shape[1]
     if k == 0 or input.numel() == 0:
@@ -43,7 +45,7 @@ roi_align_max = torch.library.custom_op("roialign::roi_align_max", forward_impl,
 
 @roi_align_max.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx):
-    _check_tensors(input, rois, pooled_height, pooled_width)
+    _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 

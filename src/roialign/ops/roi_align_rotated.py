@@ -14,15 +14,17 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, check_tensors, is_channels_last
+from .common import check_batch_index, check_sampling_ratio, check_tensors, is_channels_last
 
 __all__ = ["roi_align_rotated", "roi_align_rotated_backward", "roi_align_rotated_backward_rois"]
 
 _OPERATOR = "roi_align_rotated"
 
 
-def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> None:
+def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int,
+                   sampling_ratio: int) -> None:
     check_tensors(input, rois, pooled_height, pooled_width, "batch index, centre x, centre y, width, height, angle")
+    check_sampling_ratio(sampling_ratio)
 
 
 def check_sizes(rois: Tensor) -> None:
@@ -40,7 +42,7 @@ def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_heigh
                  sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool) -> Tensor:
     """Rotated RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 6]`` boxes to ``[K, C, PH, PW]``.
     The operator's implementation (see ``common.call_op``)."""
-    _check_tensors(input, rois, pooled_height, pooled_width)
+    _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     check_batch_index(rois, input.shape[0])
     check_sizes(rois)
     k, c = rois.shape[0], input.shape[1]
@@ -56,7 +58,7 @@ roi_align_rotated = torch.library.custom_op("roialign::roi_align_rotated", forwa
 
 @roi_align_rotated.register_fake
 def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise, degrees):
-    _check_tensors(input, rois, pooled_height, pooled_width)
+    _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
