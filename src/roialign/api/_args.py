@@ -72,6 +72,8 @@ def output_size_pair(output_size: int | Sequence[int]) -> tuple[int, int]:
         raise TypeError(f"output_size must be an int or a pair of ints (height, width); got {output_size!r}")
     if min(pair) <= 0:
         raise ValueError(f"output_size must be positive; got {output_size!r}")
+    if pair[0] * pair[1] > 2**31 - 1:  # beyond, sizes overflowed torch's and the kernels' integers
+        raise ValueError(f"output_size must have at most 2**31 - 1 bins (height * width); got {output_size!r}")
     return pair
 
 
