@@ -119,15 +119,14 @@ def _extent(geo: Geometry, a: int, b: int, height: int, width: int) -> tuple[Ten
     return local_extent(cx, cy, cos, sin, height, width, w, h, geo.cx.dtype)
 
 
-def visible_counts(geo: Geometry, a: int, b: int, height: int, width: int, pooled: tuple[int, int]) -> tuple[int, int]:
-    """The most samples of any bin of boxes ``[a, b)`` that can land on the map, along y and along x."""
+def visible_counts(geo: Geometry, a: int, b: int, height: int, width: int, pooled: tuple[int, int]) -> Tensor:
+    """``[b - a, 2]`` int64: for each of boxes ``[a, b)``, the most samples of any of its bins
+    that can land on the map, along y and along x."""
     y_lo, y_hi, x_lo, x_hi = _extent(geo, a, b, height, width)
     w, h = geo.width[a:b].detach(), geo.height[a:b].detach()
-    most = []
-    for size, grid, n, lo, hi in ((h, geo.grid_h, pooled[0], y_lo, y_hi), (w, geo.grid_w, pooled[1], x_lo, x_hi)):
-        count = _visible(-size / 2, size / n, grid[a:b], n, lo, hi)[2]
-        most.append(int(count.max().item()) if count.numel() else 0)
-    return most[0], most[1]
+    most = [_visible(-size / 2, size / n, grid[a:b], n, lo, hi)[2].amax(1)
+            for size, grid, n, lo, hi in ((h, geo.grid_h, pooled[0], y_lo, y_hi), (w, geo.grid_w, pooled[1], x_lo, x_hi))]
+    return torch.stack(most, 1).long().cpu()
 
 
 def taps(geo: Geometry, a: int, b: int, height: int, width: int, pooled: tuple[int, int],
@@ -207,13 +206,13 @@ def chunks(geo: Geometry, shape: tuple[int, int, int, int], pooled: tuple[int, i
     n, c, h, w = shape
     bins = pooled[0] * pooled[1]
 
-    def build(a: int, b: int) -> Iterator[Chunk]:
-        sy, sx = visible_counts(geo, a, b, h, w, pooled)
+    def build(a: int, b: int, counts: Tensor) -> Iterator[Chunk]:  # counts: visible_counts of boxes [a, b)
+        sy, sx = (int(v) for v in counts.amax(0))
         per_box = bins * max(4 * sy * sx, 1)
         if b - a > 1 and (b - a) * per_box * c > _BUDGET:
             mid = (a + b) // 2
-            yield from build(a, mid)
-            yield from build(mid, b)
+            yield from build(a, mid, counts[:mid - a])
+            yield from build(mid, b, counts[mid - a:])
             return
         # One box whose samples near the map alone exceed the budget (huge float32 coordinates,
         # whose rounding widens the extent by many samples) is taken in windows of its samples.
@@ -229,7 +228,8 @@ def chunks(geo: Geometry, shape: tuple[int, int, int, int], pooled: tuple[int, i
 
     k = geo.cx.shape[0]
     for a in range(0, k, _BOX_BLOCK):
-        yield from build(a, min(k, a + _BOX_BLOCK))
+        b = min(k, a + _BOX_BLOCK)
+        yield from build(a, b, visible_counts(geo, a, b, h, w, pooled))
 
 
 def _gather(planes: Tensor, batch: Tensor, chunk: Chunk) -> Tensor:
