@@ -189,6 +189,39 @@ def test_gradients_reach_features_and_boxes(backend):
     torch.testing.assert_close(got, rois.grad[:, 1:], atol=0, rtol=0)
 
 
+def test_boxes_without_a_size_get_no_level_and_a_zero_output_as_in_torchvision(backend):
+    # A NaN coordinate, or a box reversed along one axis (negative area), has a NaN size: the
+    # peers' level rules then match it to no level and their poolers leave its output zero.
+    shapes = [(128, 160), (96, 128)]
+    x = pyramid(shapes, dtype=torch.float64, seed=11)
+    good = [random_boxes(12, s, seed=12 + i, dtype=torch.float64) for i, s in enumerate(shapes)]
+    bad = torch.tensor([[30.0, 10, 10, 40], [5, 50, 60, 20], [float("nan"), 1, 9, 9], [1, 2, 3, float("nan")]],
+                       dtype=torch.float64)
+    boxes = [torch.cat((good[0][:5], bad[:2], good[0][5:])), torch.cat((bad[2:], good[1]))]
+    reversed_both = torch.tensor([[40.0, 45, 10, 12]], dtype=torch.float64)  # positive area: has a level
+    assert int(roialign.assign_levels(reversed_both, 2, 5)[0]) >= 0
+    for convention in ("torchvision", "detectron2", "mmdet"):
+        levels = roialign.assign_levels(boxes, 2, 5, convention=convention)
+        assert levels.tolist().count(-1) == 4 and bool((levels >= -1).all() & (levels <= 3).all())
+        assert levels[5:7].tolist() == [-1, -1] and levels[14:16].tolist() == [-1, -1]
+
+    features = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
+    boxes_ours = [b.clone().requires_grad_() for b in boxes]
+    got = roialign.MultiScaleRoIAlign(NAMES, 5, 2)(features, boxes_ours, shapes)
+    want = TorchvisionPooler(NAMES, 5, 2)(x, boxes, shapes)
+    none = torch.tensor([5, 6, 14, 15])
+    assert torch.equal(got[none], torch.zeros_like(got[none])) and got.abs().sum() > 0
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    got.backward(torch.ones_like(got))
+    grad_boxes = torch.cat([b.grad for b in boxes_ours])
+    assert torch.equal(grad_boxes[none], torch.zeros_like(grad_boxes[none])) and grad_boxes.abs().sum() > 0
+    clean = OrderedDict((k, v.clone().requires_grad_()) for k, v in x.items())
+    keep = [torch.cat((good[0][:5], good[0][5:])), good[1]]
+    roialign.MultiScaleRoIAlign(NAMES, 5, 2)(clean, keep, shapes).sum().backward()
+    for name in NAMES:  # the sizeless boxes add nothing to the features' gradients
+        assert torch.equal(features[name].grad, clean[name].grad)
+
+
 def test_gradcheck():
     shapes = [(64, 64)]
     x = pyramid(shapes, channels=2, dtype=torch.float64, seed=9, names=NAMES[:3])
@@ -321,5 +354,7 @@ def test_bad_arguments_are_clear_errors():
         roialign.MultiScaleRoIAlign("p2", 5, 2)
     with pytest.raises(IndexError, match="levels must lie in"):
         torch.ops.roialign.multiscale_roi_align([inputs[0]], torch.zeros(1, 5), torch.tensor([1]), [0.25], 2, 2, 2, True)
+    with pytest.raises(IndexError, match="levels must lie in"):
+        torch.ops.roialign.multiscale_roi_align([inputs[0]], torch.zeros(1, 5), torch.tensor([-2]), [0.25], 2, 2, 2, True)
     with pytest.raises(IndexError, match="batch indices"):
         pool(x, [inputs[4], inputs[5], inputs[5]], shapes)  # three box lists for two images

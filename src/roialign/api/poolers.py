@@ -64,6 +64,10 @@ def assign_levels(boxes: BoxesLike, min_level: int, max_level: int, *, conventio
     and the level is clamped to ``[min_level, max_level]``. The arithmetic is done in the boxes'
     dtype, in each framework's order of operations, so that ties fall the same way.
 
+    A box whose size is not a number (a NaN coordinate, or a negative area: reversed along one
+    axis) has no level: it gets -1, and :class:`MultiScaleRoIAlign` gives it a zero output, as
+    torchvision's, detectron2's and mmdet's poolers do (they match such a box to no level).
+
     Args:
         boxes: ``[K, 4]`` boxes ``(x1, y1, x2, y2)``, ``[K, 5]`` rois (the batch-index column is
             ignored) or a list of ``[L_i, 4]`` tensors, one per image.
@@ -74,7 +78,7 @@ def assign_levels(boxes: BoxesLike, min_level: int, max_level: int, *, conventio
         finest_scale: boxes smaller than twice this go to ``min_level`` (mmdet).
 
     Returns:
-        int64 ``[K]``: each box's level minus ``min_level``.
+        int64 ``[K]``: each box's level minus ``min_level``, or -1 for a box without a size.
     """
     min_level, max_level = _check_int(min_level, "min_level"), _check_int(max_level, "max_level")
     if max_level < min_level:
@@ -88,7 +92,8 @@ def assign_levels(boxes: BoxesLike, min_level: int, max_level: int, *, conventio
         level = torch.floor(canonical_level + torch.log2(side / canonical_scale + 1e-8))
     else:
         level = min_level + torch.floor(torch.log2(side / finest_scale + 1e-6))
-    return level.clamp(min=min_level, max=max_level).to(torch.int64) - min_level
+    level = level.clamp(min=min_level, max=max_level) - min_level
+    return torch.where(torch.isnan(level), torch.full_like(level, -1), level).to(torch.int64)
 
 
 def infer_scale(feature_size: int, image_size: int) -> float:

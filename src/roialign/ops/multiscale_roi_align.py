@@ -55,11 +55,12 @@ def _level_index(levels: Tensor, level: int) -> Tensor:
 @torch.library.custom_op("roialign::multiscale_roi_align", mutates_args=())
 def multiscale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
                          pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
-    """Box ``k`` pooled from ``features[levels[k]]`` at ``scales[levels[k]]``; the first map's dtype."""
+    """Box ``k`` pooled from ``features[levels[k]]`` at ``scales[levels[k]]``, or zeros where
+    ``levels[k]`` is -1 (a box without a size); the first map's dtype."""
     _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
     check_batch_index(rois, features[0].shape[0])
-    if levels.numel() and bool(((levels < 0) | (levels >= len(features))).any()):
-        raise IndexError(f"levels must lie in [0, {len(features)}); got values from {int(levels.min())} "
+    if levels.numel() and bool(((levels < -1) | (levels >= len(features))).any()):
+        raise IndexError(f"levels must lie in [-1, {len(features)}) (-1: no level); got values from {int(levels.min())} "
                          f"to {int(levels.max())}")
     kernel = _backend.select(rois.device, "roi_align")
     first = features[0]
