@@ -1,5 +1,7 @@
 """``roialign.patch_torchvision()``: torchvision's detectors and ops on roialign, with the same numbers."""
 
+import io
+import pickle
 import re
 import subprocess
 import sys
@@ -153,8 +155,8 @@ def test_patched_names_and_unpatch_restores_them():
     patch = roialign.patch_torchvision()
     for module in (torchvision.ops, sys.modules["torchvision.ops.roi_align"], poolers, roi_heads):
         assert module.roi_align is not ORIGINAL_ROI_ALIGN
-    assert torchvision.ops.RoIAlign is not ORIGINAL_ROIALIGN_CLASS
-    assert issubclass(torchvision.ops.RoIAlign, ORIGINAL_ROIALIGN_CLASS)
+    assert torchvision.ops.RoIAlign is ORIGINAL_ROIALIGN_CLASS  # the class stays: its forward looks roi_align up
+    assert sys.modules["torchvision.ops.roi_align"].RoIAlign is ORIGINAL_ROIALIGN_CLASS
     assert "roialign" in repr(patch)
     roialign.unpatch_torchvision()
     for module in (torchvision.ops, sys.modules["torchvision.ops.roi_align"], poolers, roi_heads):
@@ -179,23 +181,51 @@ def test_nesting_patching_twice_and_plain_calls():
     roialign.unpatch_torchvision()  # also harmless
 
 
-def test_roialign_class_keeps_torchvision_signature_and_survives_unpatching():
+def test_roialign_modules_follow_the_patch_and_pickle_as_torchvisions():
     x = torch.randn(2, 3, 20, 24)
     rois = torch.tensor([[0, 1.5, 2.0, 15.3, 17.1], [1, 4.0, 3.0, 30.0, 28.0]])
-    want_module = ORIGINAL_ROIALIGN_CLASS((4, 5), 0.5, 2)
+    before = torchvision.ops.RoIAlign((4, 5), 0.5, 2)
+    want = before(x, rois)
     with roialign.patch_torchvision():
-        module = torchvision.ops.RoIAlign((4, 5), 0.5, 2)
-        assert module.aligned is False and repr(module) == repr(want_module).replace("RoIAlign", type(module).__name__)
+        during = torchvision.ops.RoIAlign((4, 5), 0.5, 2)
+        assert type(during) is ORIGINAL_ROIALIGN_CLASS and during.aligned is False and repr(during) == repr(before)
         functional = torchvision.ops.roi_align(x, rois, (4, 5), 0.5, 2)
         functional_boxes_list = torchvision.ops.roi_align(x, [rois[:1, 1:], rois[1:, 1:]], (4, 5), 0.5, 2)
-    want = want_module(x, rois)
+        for module in (before, during):  # built before or while patched: roialign now
+            with CountOps() as ops:
+                got = module(x, rois)
+            assert ops.count("roialign") == 1 and ops.count("torchvision") == 0
+            assert torch.equal(got, roialign.roi_align(x, rois, (4, 5), 0.5, 2))
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        # Models holding torchvision's RoIAlign pickle as torchvision's, and load without roialign's patch.
+        saved = io.BytesIO()
+        torch.save(torch.nn.Sequential(before, during), saved)
     torch.testing.assert_close(functional, want, atol=1e-6, rtol=0)
     torch.testing.assert_close(functional_boxes_list, want, atol=1e-6, rtol=0)
-    with CountOps() as ops:
-        got = module(x, rois)  # built while patched: still roialign
-    assert ops.count("roialign") == 1 and ops.count("torchvision") == 0
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    assert torch.equal(got, roialign.roi_align(x, rois, (4, 5), 0.5, 2))
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    assert all(type(m) is ORIGINAL_ROIALIGN_CLASS for m in loaded)
+    for module in (during, loaded[0], loaded[1]):  # unpatched: torchvision's op again
+        with CountOps() as ops:
+            assert torch.equal(module(x, rois), want)
+        assert ops.count("roialign") == 0 and ops.count("torchvision") == 1
+    assert pickle.loads(pickle.dumps(during)).output_size == (4, 5)
+
+
+def test_patched_function_takes_aligned_as_torchvision_does():
+    # Configs give aligned as 0/1 or a numpy bool; torchvision's op takes those as bools.
+    import numpy as np
+
+    x = torch.randn(1, 2, 12, 12)
+    rois = torch.tensor([[0, 1.5, 1.0, 9.0, 10.5]])
+    with roialign.patch_torchvision():
+        for value, want in ((1, True), (0, False), (np.True_, True), (np.False_, False)):
+            assert torch.equal(torchvision.ops.roi_align(x, rois, 3, 1.0, 2, value),
+                               roialign.roi_align(x, rois, 3, 1.0, 2, want))
+            torch.testing.assert_close(torchvision.ops.roi_align(x, rois, 3, 1.0, 2, value),
+                                       ORIGINAL_ROI_ALIGN(x, rois, 3, 1.0, 2, value), atol=1e-6, rtol=0)
+        with pytest.raises(TypeError, match="aligned must be a bool"):
+            torchvision.ops.roi_align(x, rois, 3, 1.0, 2, 2)
 
 
 def test_quantized_inputs_go_to_torchvision():

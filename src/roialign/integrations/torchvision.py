@@ -3,17 +3,21 @@
 torchvision binds ``roi_align`` by name when its modules are imported: the FPN pooler
 (``torchvision.ops.poolers``), the mask-target code of the ROI heads
 (``torchvision.models.detection.roi_heads``), ``torchvision.ops.roi_align`` and the module
-``torchvision.ops.roi_align`` behind ``RoIAlign``. Each binding is replaced; both the pooler and
-the mask targets look the name up at call time, so existing models switch too.
+``torchvision.ops.roi_align`` behind ``RoIAlign``. Each binding is replaced; all of them are
+looked up at call time, so existing models switch too. ``RoIAlign`` itself stays torchvision's
+class (its ``forward`` calls the module's ``roi_align``), so ``isinstance`` checks hold and
+models pickle as torchvision's, patched or not.
 
 The replacement keeps torchvision's signature and defaults (``aligned=False``) and hands inputs
 roialign does not handle (quantized tensors) to torchvision's own op.
 """
 
 import importlib
+import numbers
 import threading
 from typing import List, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.jit.annotations import BroadcastingList2
@@ -23,14 +27,13 @@ from ..api.roi_align import roi_align as _roi_align
 
 __all__ = ["patch_torchvision", "unpatch_torchvision", "torchvision_multiscale_base"]
 
-# (module, attribute) pairs that hold torchvision's roi_align function or RoIAlign class.
+# (module, attribute) pairs that hold torchvision's roi_align function.
 _FUNCTION_SITES = (
     ("torchvision.ops", "roi_align"),
     ("torchvision.ops.roi_align", "roi_align"),
     ("torchvision.ops.poolers", "roi_align"),
     ("torchvision.models.detection.roi_heads", "roi_align"),
 )
-_CLASS_SITES = (("torchvision.ops", "RoIAlign"), ("torchvision.ops.roi_align", "RoIAlign"))
 
 _lock = threading.RLock()
 _originals: dict[tuple[str, str], object] = {}  # torchvision's own objects, recorded at the first patch
@@ -60,7 +63,7 @@ def _modules() -> dict[str, object]:
     """The modules holding the bindings, with a clear error when this torchvision lacks one."""
     torchvision = _import_torchvision()
     found = {}
-    for name, attr in _FUNCTION_SITES + _CLASS_SITES:
+    for name, attr in _FUNCTION_SITES:
         try:
             module = importlib.import_module(name)
         except Exception as error:
@@ -106,28 +109,24 @@ def _eager_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]], output_s
         return recorded
     if isinstance(input, Tensor) and input.is_quantized:
         return _originals[("torchvision.ops.roi_align", "roi_align")](*args)
-    return _roi_align(*args)
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, _as_bool(aligned))
 
 
-def _make_replacements(original_class) -> None:
-    class RoIAlign(original_class):
-        """torchvision's ``RoIAlign`` (same signature and defaults, ``aligned=False``), computed by roialign.
+def _as_bool(aligned):
+    """``aligned`` as torchvision's op takes it: a numpy bool or the ints 0 and 1 (from a config) are
+    bools there; anything else goes on to roialign's check, which names it."""
+    if isinstance(aligned, np.bool_) or (isinstance(aligned, numbers.Integral) and aligned in (0, 1)):
+        return bool(aligned)
+    return aligned
 
-        Instances keep using roialign after ``unpatch_torchvision()``.
-        """
 
-        def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
-            return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
-
-    RoIAlign.__module__ = __name__
+def _make_replacements() -> None:
     for site in _FUNCTION_SITES:
         _replacements[site] = roi_align
-    for site in _CLASS_SITES:
-        _replacements[site] = RoIAlign
 
 
 def _state(modules) -> dict[tuple[str, str], object]:
-    return {(name, attr): getattr(modules[name], attr) for name, attr in _FUNCTION_SITES + _CLASS_SITES}
+    return {(name, attr): getattr(modules[name], attr) for name, attr in _FUNCTION_SITES}
 
 
 def _apply(modules, state) -> None:
@@ -159,9 +158,9 @@ def patch_torchvision() -> _Patch:
     (``with roialign.patch_torchvision(): ...``), whose exit restores the bindings as they were
     at entry, so nested blocks work. Patching twice is harmless.
 
-    After unpatching, models built while patched use torchvision's op again: the detectors and
-    ``MultiScaleRoIAlign`` look ``roi_align`` up at call time. ``RoIAlign`` modules created while
-    patched are roialign's subclass and keep using roialign.
+    Models built before or while patched follow the patch: the detectors, ``MultiScaleRoIAlign``
+    and ``RoIAlign`` look ``roi_align`` up at call time, so after unpatching they use
+    torchvision's op again. ``RoIAlign`` stays torchvision's own class.
 
     Raises:
         ImportError: torchvision is not installed.
@@ -173,13 +172,13 @@ def patch_torchvision() -> _Patch:
         previous = _state(modules)
         if not _originals:
             _originals.update(previous)
-            _make_replacements(previous[("torchvision.ops.roi_align", "RoIAlign")])
+            _make_replacements()
         _apply(modules, _replacements)
         return _Patch(modules, previous)
 
 
 def unpatch_torchvision() -> None:
-    """Restore torchvision's own ``roi_align`` and ``RoIAlign`` everywhere (a no-op if never patched)."""
+    """Restore torchvision's own ``roi_align`` everywhere (a no-op if never patched)."""
     with _lock:
         if _originals:
             _apply(_modules(), _originals)
