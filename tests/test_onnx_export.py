@@ -216,7 +216,8 @@ def test_direct_op_calls(dynamo):
     """torch.ops.roialign.roi_align: the translation table (dynamo) or the registered symbolic (TorchScript)."""
     table = roialign.onnx_translation_table() if dynamo else None
     if dynamo:
-        assert list(table) == [torch.ops.roialign.roi_align.default, torch.ops.roialign.roi_align_max.default]
+        assert list(table) == [getattr(torch.ops.roialign, name).default for name in (
+            "roi_align", "roi_align_max", "multiscale_roi_align", "roi_align_rotated", "prroi_pool")]
     else:
         roialign_onnx.register_legacy_symbolic()
     module = DirectOp()
@@ -297,3 +298,62 @@ def test_multiscale_pooler_exports_one_roialign_per_level(dynamo):
     for count, seed in ((20, 1), (37, 2), (3, 3)):
         args = inputs(count, seed)
         torch.testing.assert_close(run(model, *args)[0], head(*args), atol=1e-5, rtol=0)
+
+
+class Pooler(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = roialign.MultiScaleRoIAlign(["p3", "p4"], 3, 2)
+
+    def forward(self, p3, p4, boxes):
+        return self.pool({"p3": p3, "p4": p4}, [boxes], [(64, 80)])
+
+
+@needs_onnxscript
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_dynamo_exporter_converts_exported_programs_with_the_translation_table(strict):
+    """torch.export.export keeps roialign's ops opaque (it is not an ONNX export, or, strict,
+    TorchDynamo cannot trace the node recording); the table translates each of them."""
+    table = roialign.onnx_translation_table()
+    gen = torch.Generator().manual_seed(0)
+    features = (torch.randn(1, 2, 8, 10, generator=gen), torch.randn(1, 2, 4, 5, generator=gen))
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 60, 50], [30, 5, 3, 40], [2, 3, 30, 20]])  # third: no level
+    x, rois = random_inputs(2, (3, 2), 0.5)
+    for module, args in ((Pooler(), (*features, boxes)), (DirectOp(), (x, rois)), (Functional(3, 0.5, 0, True), (x, rois))):
+        program = torch.export.export(module, args, strict=strict)
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert any(target.startswith("roialign.") for target in targets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.onnx.export(program, args, dynamo=True, custom_translation_table=table, verbose=False)
+        model = model.model_proto.SerializeToString()
+        roialign_nodes(model, count=2 if isinstance(module, Pooler) else 1)
+        want = module(*args)
+        if isinstance(module, Pooler):
+            assert torch.equal(want[2], torch.zeros_like(want[2])) and want.abs().sum() > 0
+        torch.testing.assert_close(run(model, *args)[0], want, atol=1e-5, rtol=0)
+
+
+@needs_onnxscript
+def test_dynamo_exporter_refusals_hold_in_exported_programs_and_strict_captures():
+    table = roialign.onnx_translation_table()
+    x = torch.randn(1, 2, 8, 8)
+
+    class Rotated(torch.nn.Module):
+        def forward(self, x, rois):
+            return roialign.roi_align_rotated(x, rois, 2, 1.0, 2)
+
+    class Precise(torch.nn.Module):
+        def forward(self, x, rois):
+            return roialign.prroi_pool(x, rois, 2)
+
+    cases = ((Rotated(), torch.tensor([[0, 4.0, 4, 3, 2, 30]]), "no rotated RoiAlign"),
+             (Precise(), torch.tensor([[0, 1.0, 1, 6, 6]]), "no ONNX equivalent: ONNX.s RoiAlign samples"))
+    for module, rois, message in cases:
+        program = torch.export.export(module, (x, rois), strict=True)
+        with pytest.raises(Exception, match=message), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(program, (x, rois), dynamo=True, custom_translation_table=table, verbose=False)
+        with pytest.raises(Exception, match=message), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (x, rois), dynamo=True, verbose=False)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..integrations.onnx import records_nodes as _records_onnx_nodes
 from ..integrations.torchvision import torchvision_multiscale_base
 from ..ops import multiscale_roi_align as _op
 from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
@@ -136,7 +137,7 @@ def multiscale_roi_align(x: Mapping[str, Tensor], boxes: Sequence[Tensor], image
     min_level, max_level = -round(math.log2(scales[0])), -round(math.log2(scales[-1]))
     levels = assign_levels(rois, min_level, max_level, convention=convention, canonical_scale=canonical_scale,
                            canonical_level=canonical_level, finest_scale=finest_scale)
-    if torch.onnx.is_in_onnx_export():  # one RoiAlign node per level, merged by scatter
+    if _records_onnx_nodes():  # one RoiAlign node per level, merged by scatter
         return _pooled_level_by_level(features, rois, levels, scales, output_size, sampling_ratio, aligned)
     return _op.multiscale_roi_align(features, rois, levels, scales, output_size[0], output_size[1], sampling_ratio,
                                     aligned)

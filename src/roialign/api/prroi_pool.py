@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
+from ..integrations import onnx as _onnx
 from ..kernels.reference.common import compute_dtype
 from ..ops import prroi_pool as _op
 from ..ops.common import call_op
@@ -51,9 +51,7 @@ def prroi_pool(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int]
     rois = boxes_to_rois(boxes)
     if rois.dtype.is_floating_point:
         rois = rois.to(compute_dtype(input.dtype))
-    if torch.onnx.is_in_onnx_export():
-        from ..integrations import onnx as _onnx
-
+    if _onnx.exporting():
         _onnx.refuse_prroi_export()
     return call_op(_op.prroi_pool, _op.forward_impl, input, rois, scale, pooled_height, pooled_width)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
+from ..integrations import onnx as _onnx
 from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align as _op
 from ..ops import roi_align_max as _max_op
@@ -70,18 +70,14 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
     if rois.dtype.is_floating_point:
         rois = rois.to(compute_dtype(input.dtype))
     if mode != "avg":
-        if torch.onnx.is_in_onnx_export():  # ONNX's own reading becomes RoiAlign(mode="max")
-            from ..integrations import onnx as _onnx
-
-            if mode == "max":
-                _onnx.refuse_max_export()
+        if mode == "max" and _onnx.exporting():
+            _onnx.refuse_max_export()
+        if _onnx.records_nodes():  # ONNX's own reading becomes RoiAlign(mode="max")
             return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
                                           int(sampling_ratio), aligned, mode="max")
         return call_op(_max_op.roi_align_max, _max_op.forward_impl, input, rois, float(spatial_scale), pooled_height,
                        pooled_width, int(sampling_ratio), aligned, mode == "onnx_max")
-    if torch.onnx.is_in_onnx_export():  # a standard ONNX RoiAlign node, with either exporter
-        from ..integrations import onnx as _onnx
-
+    if _onnx.records_nodes():  # a standard ONNX RoiAlign node, with either exporter
         return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
                                       int(sampling_ratio), aligned)
     return call_op(_op.roi_align, _op.forward_impl, input, rois, float(spatial_scale), pooled_height, pooled_width,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..integrations import onnx as _onnx
 from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align_rotated as _op
 from ..ops.common import call_op
@@ -71,12 +72,8 @@ def roi_align_rotated(input: Tensor, boxes: BoxesLike, output_size: int | Sequen
     rois = boxes_to_rois(boxes, "cx, cy, w, h, angle")
     if rois.dtype.is_floating_point and rois.dtype != torch.float64:
         rois = rois.to(compute_dtype(input.dtype))  # float64 angles stay float64
-    if torch.onnx.is_in_onnx_export():
-        from torch.onnx.errors import OnnxExporterError
-
-        raise OnnxExporterError("roialign.roi_align_rotated cannot be exported to ONNX: the ONNX standard has no "
-                                "rotated RoiAlign (RoiAlign takes axis-aligned boxes only). Keep the rotated "
-                                "pooling outside the exported graph, or export with a custom op of your runtime.")
+    if _onnx.exporting():
+        _onnx.refuse_rotated_export()
     return call_op(_op.roi_align_rotated, _op.forward_impl, input, rois, float(spatial_scale), pooled_height,
                    pooled_width, int(sampling_ratio), aligned, clockwise, angle_unit == "degrees")
 

@@ -43,7 +43,30 @@ from torch import Tensor
 
 from ..kernels.reference.common import compute_dtype
 
-__all__ = ["onnx_translation_table", "register_legacy_symbolic", "roi_align_attributes"]
+__all__ = ["exporting", "onnx_translation_table", "records_nodes", "register_legacy_symbolic", "roi_align_attributes"]
+
+try:  # the dynamo exporter's flag (private; absent in some torch release: then only the public check)
+    from torch.onnx._internal.exporter import _flags as _dynamo_export_flags
+except Exception:  # pragma: no cover
+    _dynamo_export_flags = None
+
+
+def exporting() -> bool:
+    """Whether ``torch.onnx.export`` is running, with either exporter.
+
+    ``torch.onnx.is_in_onnx_export()`` says so, except inside a strict ``torch.export`` trace:
+    TorchDynamo folds that call to False. The dynamo exporter falls back to a strict trace when
+    its first, non-strict one fails, and reading its flag as a module attribute keeps the
+    answer true there, so that such a model still exports our operators as ONNX nodes (and a
+    refusal still says why) instead of keeping them opaque."""
+    return torch.onnx.is_in_onnx_export() or bool(getattr(_dynamo_export_flags, "_is_onnx_exporting", False))
+
+
+def records_nodes() -> bool:
+    """Whether our functionals should record ONNX nodes themselves: under export, except inside a
+    TorchDynamo trace, which cannot trace ``torch.onnx.ops.symbolic``; there the operators stay
+    opaque and :func:`onnx_translation_table` translates them."""
+    return exporting() and not torch.compiler.is_dynamo_compiling()
 
 _OP_NAME = "roialign::roi_align"
 # First opset with RoiAlign; first with coordinate_transformation_mode; first Cast to or from bfloat16.
@@ -90,6 +113,13 @@ def refuse_prroi_export() -> None:
     """PrRoIPool does not export: ONNX has no exact bin integral."""
     _fail("roialign.prroi_pool has no ONNX equivalent: ONNX's RoiAlign samples bins at points, "
           "PrRoIPool integrates over them (export the model with roi_align instead, or keep this step in PyTorch)")
+
+
+def refuse_rotated_export() -> None:
+    """Rotated RoIAlign does not export: ONNX's RoiAlign takes axis-aligned boxes only."""
+    _fail("roialign.roi_align_rotated cannot be exported to ONNX: the ONNX standard has no rotated RoiAlign "
+          "(RoiAlign takes axis-aligned boxes only). Keep the rotated pooling outside the exported graph, or "
+          "export with a custom op of your runtime.")
 
 
 def refuse_max_export() -> None:
@@ -207,15 +237,60 @@ def _legacy_key(name: str, value: Any) -> str:
 
 
 def onnx_translation_table() -> dict[Callable, Callable]:
-    """``{torch.ops.roialign.roi_align.default: <ONNX Script translation>}`` for the dynamo exporter.
+    """ONNX Script translations of roialign's operators for the dynamo exporter: ``roi_align``,
+    ``roi_align_max`` (``onnx=True``) and ``multiscale_roi_align`` become ``RoiAlign`` nodes;
+    rotated RoIAlign, ``mode="max"`` and PrRoIPool are refused with the reason.
 
-    Only needed for a model that calls ``torch.ops.roialign.roi_align`` directly (the functional
-    and ``ROIAlign`` export without it)::
+    Needed where the operators reach the exporter as they are: a model that calls
+    ``torch.ops.roialign.*`` directly, an ``ExportedProgram`` made by ``torch.export.export``
+    (pass it to ``torch.onnx.export``), or a model the exporter can only capture with a strict
+    trace. The functionals, modules and pooler need nothing otherwise::
 
         torch.onnx.export(model, args, dynamo=True, custom_translation_table=roialign.onnx_translation_table())
     """
     return {torch.ops.roialign.roi_align.default: _roi_align_onnxscript,
-            torch.ops.roialign.roi_align_max.default: _roi_align_max_onnxscript}
+            torch.ops.roialign.roi_align_max.default: _roi_align_max_onnxscript,
+            torch.ops.roialign.multiscale_roi_align.default: _multiscale_roi_align_onnxscript,
+            torch.ops.roialign.roi_align_rotated.default: _refuse_rotated_onnxscript,
+            torch.ops.roialign.prroi_pool.default: _refuse_prroi_onnxscript}
+
+
+def _refuse_rotated_onnxscript(*args, **kwargs):
+    refuse_rotated_export()
+
+
+def _refuse_prroi_onnxscript(*args, **kwargs):
+    refuse_prroi_export()
+
+
+def _multiscale_roi_align_onnxscript(features, rois, levels, scales, pooled_height: int, pooled_width: int,
+                                     sampling_ratio: int, aligned: bool):
+    """ONNX Script translation of ``torch.ops.roialign.multiscale_roi_align``: one ``RoiAlign`` per
+    level on that level's boxes, scattered into a zero result (a box of level -1 stays zero), as
+    the pooler records it under export."""
+    from onnxscript import opset18 as op
+
+    first = features[0]
+    out_type = int(first.dtype) if first.dtype is not None else None
+    shape = op.Concat(op.Shape(rois, start=0, end=1), op.Shape(first, start=1, end=2),
+                      op.Constant(value_ints=[int(pooled_height), int(pooled_width)]), axis=0)
+    result = op.ConstantOfShape(shape, value=_zero_tensor(out_type))
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        index = op.NonZero(op.Equal(levels, op.Constant(value_int=level)))  # [1, M]
+        pooled = _roi_align_onnxscript(feature, op.Gather(rois, op.Squeeze(index, op.Constant(value_ints=[0])), axis=0),
+                                       float(scale), pooled_height, pooled_width, sampling_ratio, aligned)
+        level_type = int(feature.dtype) if feature.dtype is not None else None
+        if level_type != out_type and out_type is not None:
+            pooled = op.Cast(pooled, to=out_type)
+        result = op.ScatterND(result, op.Transpose(index, perm=[1, 0]), pooled)
+    return result
+
+
+def _zero_tensor(onnx_type: int | None):
+    """A one-element zero ``onnx.TensorProto`` of ``onnx_type`` (float32 when unknown)."""
+    import onnx
+
+    return onnx.helper.make_tensor("zero", onnx_type or _FLOAT, [1], [0])
 
 
 def _roi_align_max_onnxscript(input, rois, spatial_scale: float, pooled_height: int, pooled_width: int,
