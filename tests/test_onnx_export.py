@@ -33,8 +33,8 @@ from torch.onnx.errors import OnnxExporterError  # noqa: E402
 needs_onnxscript = pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None,
                                       reason="torch.onnx.export(dynamo=True) needs onnxscript")
 EXPORTERS = [pytest.param(True, id="dynamo", marks=needs_onnxscript), pytest.param(False, id="torchscript")]
-# Every kind of box but "inverted": onnxruntime rejects those with adaptive sampling ("Integer overflow").
-KINDS = ("inside", "partial", "outside", "empty", "point", "large")
+# Every kind of box, inverted ones included (see test_boxes_reversed_along_one_axis_give_zeros).
+KINDS = ("inside", "partial", "outside", "empty", "inverted", "point", "large")
 HEIGHT, WIDTH = 12, 15
 
 
@@ -357,3 +357,28 @@ def test_dynamo_exporter_refusals_hold_in_exported_programs_and_strict_captures(
         with pytest.raises(Exception, match=message), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (x, rois), dynamo=True, verbose=False)
+
+
+class MaxFunctional(Functional):
+    def forward(self, x, rois):
+        return roialign.roi_align(x, rois, *self.args, mode="onnx_max")
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_boxes_reversed_along_one_axis_give_zeros(dynamo):
+    """With aligned=True and adaptive sampling, a box reversed along one axis has no samples
+    (zeros in roialign and torchvision), and onnxruntime's RoiAlign fails on it ("Integer
+    overflow"); the export hands it an empty box, which gives the same zeros."""
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(5))
+    rois = torch.tensor([[0, 14.0, 2, 1, 9], [1, 1, 9, 14, 2], [0, 14, 9, 1, 2], [1, 3, 2, 2.9, 9],
+                         [0, 1, 2, 9, 8], [1, 0.5, 0.5, 12, 10]])
+    if not dynamo:
+        roialign_onnx.register_legacy_symbolic()  # for DirectOp
+    for module in (Functional((3, 4), 0.7, 0, True), MaxFunctional((3, 4), 0.7, -1, True), DirectOp()):
+        table = roialign.onnx_translation_table() if dynamo else None
+        model = export(module, (x, rois), dynamo, ("x", "rois"), {"rois": {0: "K"}}, table=table)
+        want = module(x, rois)
+        assert torch.equal(want[:4], torch.zeros_like(want[:4])) and bool((want[4:] != 0).all())
+        torch.testing.assert_close(run(model, x, rois)[0], want, atol=1e-5, rtol=0)
+        (got,) = run(model, x, rois.flip(0))  # and with the box count it was not exported with
+        torch.testing.assert_close(got, module(x, rois.flip(0)), atol=1e-5, rtol=0)

@@ -127,6 +127,16 @@ def refuse_max_export() -> None:
     _fail(_MMCV_MAX_MESSAGE)
 
 
+def _zeroes_reversed_boxes(sampling_ratio: int, aligned: bool) -> bool:
+    """Whether the export replaces boxes reversed along an axis (x2 < x1 or y2 < y1) by zeros.
+
+    With ``aligned=True`` and adaptive sampling such a box has no samples along that axis, so
+    roialign (and torchvision) give it zeros; onnxruntime sizes its sample table from the
+    negative count and fails ("Integer overflow") when one axis only is reversed. An all-zero
+    box has no samples either, so the exported model gives the same zeros."""
+    return aligned and sampling_ratio <= 0
+
+
 def _fail(message: str):
     from torch.onnx.errors import OnnxExporterError
 
@@ -154,9 +164,13 @@ def export_roi_align(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h
     op._check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
     compute = compute_dtype(input.dtype)
     x = input.to(compute)
+    boxes = rois[:, 1:5].to(compute)
+    if _zeroes_reversed_boxes(sampling_ratio, aligned):
+        reversed_ = (boxes[:, 2:3] < boxes[:, 0:1]) | (boxes[:, 3:4] < boxes[:, 1:2])
+        boxes = torch.where(reversed_, torch.zeros((), dtype=compute), boxes)
     out = torch.onnx.ops.symbolic(
         "RoiAlign",
-        (x, rois[:, 1:5].to(compute), rois[:, 0].to(torch.int64)),
+        (x, boxes, rois[:, 0].to(torch.int64)),
         roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, mode=mode),
         dtype=compute,
         shape=(rois.shape[0], input.shape[1], pooled_height, pooled_width),
@@ -216,6 +230,11 @@ def _legacy_symbolic(g, input, rois, spatial_scale, pooled_height, pooled_width,
     if _LEGACY_TYPES.get(_scalar_type(rois)) != compute:
         rois = g.op("Cast", rois, to_i=compute)
     boxes = g.op("Gather", rois, g.op("Constant", value_t=torch.tensor([1, 2, 3, 4])), axis_i=1)
+    if _zeroes_reversed_boxes(sampling_ratio, aligned):
+        column = lambda i: g.op("Slice", boxes, *(g.op("Constant", value_t=torch.tensor([v])) for v in (i, i + 1, 1)))  # noqa: E731
+        reversed_ = g.op("Or", g.op("Less", column(2), column(0)), g.op("Less", column(3), column(1)))
+        zero = g.op("Constant", value_t=torch.zeros((), dtype=torch.float64 if compute == _DOUBLE else torch.float32))
+        boxes = g.op("Where", reversed_, zero, boxes)
     batch = g.op("Cast", g.op("Gather", rois, g.op("Constant", value_t=torch.tensor(0)), axis_i=1), to_i=_INT64)
     out = g.op("RoiAlign", x, boxes, batch, **{_legacy_key(k, v): v for k, v in attrs.items()})
     return out if in_type in (None, compute) else g.op("Cast", out, to_i=in_type)
@@ -312,6 +331,10 @@ def _roi_align_onnxscript(input, rois, spatial_scale: float, pooled_height: int,
     x = input if in_type == compute else op.Cast(input, to=compute)
     rois = rois if rois.dtype is not None and int(rois.dtype) == compute else op.Cast(rois, to=compute)
     boxes = op.Gather(rois, op.Constant(value_ints=[1, 2, 3, 4]), axis=1)
+    if _zeroes_reversed_boxes(sampling_ratio, aligned):
+        column = lambda i: op.Slice(boxes, *(op.Constant(value_ints=[v]) for v in (i, i + 1, 1)))  # noqa: E731
+        reversed_ = op.Or(op.Less(column(2), column(0)), op.Less(column(3), column(1)))
+        boxes = op.Where(reversed_, op.CastLike(op.Constant(value_float=0.0), boxes), boxes)
     batch = op.Cast(op.Gather(rois, op.Constant(value_int=0), axis=1), to=_INT64)
     out = op.RoiAlign(x, boxes, batch,
                       **roi_align_attributes(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
