@@ -103,14 +103,17 @@ class _Workers:
         if self.openmp and self._gomp is not None:
             self._gomp(_GOMP_BODY(drain), None, n, 0)  # every thread of the team, the caller's too
         else:
+            # The pool only grows (callers in other threads may ask for other thread counts:
+            # torch.set_num_threads is per thread), and jobs are submitted under the lock, so a
+            # pool is never shut down between a caller taking it and submitting to it; a
+            # replaced pool finishes what it was given.
             with self._lock:
-                if self._pool is None or self._size != size - 1:
+                if self._pool is None or self._size < size - 1:
                     if self._pool is not None:
                         self._pool.shutdown(wait=False)
                     self._pool = ThreadPoolExecutor(max_workers=size - 1, thread_name_prefix="roialign")
                     self._size = size - 1
-                pool = self._pool
-            helpers = [pool.submit(drain) for _ in range(n - 1)]
+                helpers = [self._pool.submit(drain) for _ in range(n - 1)]
             drain()
             for helper in helpers:
                 helper.result()
