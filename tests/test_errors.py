@@ -134,3 +134,81 @@ def test_the_largest_sampling_ratio_runs(backend):
     with roialign.use_backend("reference"):
         want = roialign.roi_align(x, rois, 2, 1.0, 1024, aligned=True, mode="max")
     torch.testing.assert_close(most, want, rtol=0, atol=1e-12)
+
+
+# Backward operators called directly (autograd always passes consistent arguments): a gradient,
+# box tensor or size that does not match would have the kernels index outside their buffers.
+G = torch.ones(2, 3, 2, 2)  # the gradient of a 2 x 2 forward of X and ROIS
+R6 = torch.tensor([[0, 4.0, 4.0, 3.0, 2.0, 30.0], [1, 3.0, 5.0, 4.0, 4.0, 0.0]])
+ops = torch.ops.roialign
+MANY = ROIS[:1].repeat(4000, 1)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: ops.roi_align_backward(G[:1], MANY, 1.0, 2, 2, 2, 3, 8, 8, 1, True, False), ValueError,
+     r"grad must have the forward output's shape \[K, C, PH, PW\] = \[4000, 3, 2, 2\]; got \[1, 3, 2, 2\]"),
+    (lambda: ops.roi_align_backward(G, ROIS, 1.0, 2, 2, 2, 64, 8, 8, 1, True, False), ValueError, r"grad must have"),
+    (lambda: ops.roi_align_backward(G, ROIS, 1.0, 50, 50, 2, 3, 8, 8, 1, True, False), ValueError, r"grad must have"),
+    (lambda: ops.roi_align_backward(G, ROIS, 1.0, 2, 2, 1, 3, 8, 8, 1, True, False), IndexError,
+     r"rois\[1, 0\] is 1.0"),
+    (lambda: ops.roi_align_backward(G, ROIS, 1.0, 2, 2, -2, 3, 8, 8, 1, True, False), ValueError, r"must be >= 0"),
+    (lambda: ops.roi_align_backward(G, ROIS[:, :4], 1.0, 2, 2, 2, 3, 8, 8, 1, True, False), ValueError,
+     r"rois must be a floating-point tensor of shape \[K, 5\]"),
+    (lambda: ops.roi_align_backward(G.long(), ROIS, 1.0, 2, 2, 2, 3, 8, 8, 1, True, False), TypeError,
+     r"grad must be a floating-point"),
+    (lambda: ops.roi_align_backward(G, ROIS, 1.0, 0, 2, 2, 3, 8, 8, 1, True, False), ValueError,
+     r"output_size must be positive"),
+    (lambda: ops.roi_align_backward(G, ROIS, 1.0, 2, 2, 2, 3, 8, 8, 5000, True, False), ValueError, r"sampling_ratio"),
+    (lambda: ops.roi_align_backward(G.to("meta"), ROIS, 1.0, 2, 2, 2, 3, 8, 8, 1, True, False), ValueError,
+     r"grad and rois must be on the same device"),
+    (lambda: ops.roi_align_backward_rois(G[:, :, :1, :1], X, ROIS, 1.0, 9, 9, 1, True), ValueError, r"grad must have"),
+    (lambda: ops.roi_align_backward_rois(G, X, ROIS[:, :4], 1.0, 2, 2, 1, True), ValueError, r"rois must have shape"),
+    (lambda: ops.roi_align_backward_rois(G.double(), X, ROIS, 1.0, 2, 2, 1, True), TypeError,
+     r"grad must have the input's dtype"),
+    (lambda: ops.roi_align_backward_rois(G, X.to("meta"), ROIS, 1.0, 2, 2, 1, True), ValueError, r"same device"),
+    (lambda: ops.roi_align_rotated_backward(G[:1], R6.repeat(2000, 1), 1.0, 2, 2, 2, 3, 8, 8, 1, True, False, True,
+                                            False), ValueError, r"grad must have"),
+    (lambda: ops.roi_align_rotated_backward_rois(G, X, R6, 1.0, 3, 3, 1, True, False, True), ValueError,
+     r"grad must have"),
+    (lambda: ops.roi_align_rotated_backward_rois(G, X[:1], R6, 1.0, 2, 2, 1, True, False, True), IndexError,
+     r"batch indices"),
+    (lambda: ops.roi_align_max_backward(G[:1], X, MANY, 1.0, 2, 2, 1, True, True, False), ValueError, r"grad must have"),
+    (lambda: ops.roi_align_max_backward(G, X, ROIS * torch.tensor([9.0, 1, 1, 1, 1]), 1.0, 2, 2, 1, True, True, False),
+     IndexError, r"batch indices"),
+    (lambda: ops.prroi_pool_backward(G[:1], X, MANY, 1.0, 2, 2, False), ValueError, r"grad must have"),
+    (lambda: ops.prroi_pool_backward(G, X, ROIS, 1.0, 2, 3, False), ValueError, r"grad must have"),
+    (lambda: ops.multiscale_roi_align_backward(G, ROIS, torch.tensor([0, 1]), [1.0, 0.5], 2, 2, [2, 3, 8, 8],
+                                               [2, 2], [False, False], 1, True), ValueError, r"describe the same"),
+    (lambda: ops.multiscale_roi_align_backward(G, ROIS, torch.tensor([0, 1]), [1.0], 2, 2, [2, 3, 8, 8], [7],
+                                               [False], 1, True), ValueError, r"dtypes must index"),
+    (lambda: ops.multiscale_roi_align_backward(G, ROIS, torch.tensor([0, 1]), [1.0], 2, 2, [2, 3, 8, 8], [2],
+                                               [False], 1, True), IndexError, r"levels must lie in"),
+    (lambda: ops.multiscale_roi_align_backward(G[:1], ROIS, torch.tensor([0, 0]), [1.0], 2, 2, [2, 3, 8, 8], [2],
+                                               [False], 1, True), ValueError, r"grad must have"),
+    (lambda: ops.multiscale_roi_align_backward(G, ROIS, torch.tensor([0, 0]), [1.0, 0.5], 2, 2,
+                                               [2, 3, 8, 8, 2, 4, 4, 4], [2, 2], [False, False], 1, True), ValueError,
+     r"batch size and channels of the first"),
+    (lambda: ops.multiscale_roi_align_backward_rois(G, [X], ROIS, torch.tensor([0, 3]), [1.0], 2, 2, 1, True),
+     IndexError, r"levels must lie in"),
+    (lambda: ops.multiscale_roi_align_backward_rois(G[:1], [X], ROIS, torch.tensor([0, 0]), [1.0], 2, 2, 1, True),
+     ValueError, r"grad must have"),
+])
+def test_backward_operators_check_their_arguments(backend, call, error, message):
+    with roialign.use_backend(backend), pytest.raises(error, match=message):
+        call()
+
+
+def test_backward_operators_take_what_autograd_passes(backend):
+    # The checks refuse nothing that a forward's own gradient carries: every operator, both layouts.
+    x = X.clone().requires_grad_()
+    xl = X.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with roialign.use_backend(backend):
+        for features in (x, xl):
+            rois = ROIS.clone().requires_grad_()
+            rotated = R6.clone().requires_grad_()
+            outputs = [roialign.roi_align(features, rois, 2, 1.0, 2, True),
+                       roialign.roi_align(features, rois, 2, 1.0, 2, True, mode="max"),
+                       roialign.prroi_pool(features, rois, 2),
+                       roialign.roi_align_rotated(features, rotated, 2, 1.0, 2)]
+            sum(out.sum() for out in outputs).backward()
+            assert features.grad.abs().sum() > 0 and rois.grad.abs().sum() > 0 and rotated.grad.abs().sum() > 0

@@ -49,6 +49,43 @@ def check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width:
         raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
 
 
+def check_backward(grad: Tensor, rois: Tensor, pooled_height: int, pooled_width: int, fields: str, *,
+                   input: Tensor | None = None, input_shape: tuple[int, int, int, int] | None = None,
+                   values: bool = True) -> None:
+    """Checks of a backward operator's arguments: ``rois`` as the forward checks them (with the
+    features ``input``, or their shape ``input_shape`` where the operator takes only that), and
+    ``grad`` the ``[K, C, PH, PW]`` gradient of the forward's output for those boxes and features.
+
+    Autograd always passes consistent arguments; a direct call with others would have the kernels
+    index outside their buffers, so it is a ValueError, TypeError or IndexError naming the argument.
+    ``values=False`` (fake implementations) skips the batch indices, which need the boxes' values."""
+    if input is not None:
+        check_tensors(input, rois, pooled_height, pooled_width, fields)
+        batch_size, channels = input.shape[0], input.shape[1]
+    else:
+        if any(v < 0 for v in input_shape):
+            raise ValueError(f"batch_size, channels, height and width must be >= 0; got {list(input_shape)}")
+        batch_size, channels = input_shape[0], input_shape[1]
+        width = len(fields.split(","))
+        if rois.dim() != 2 or rois.shape[1] != width or not rois.dtype.is_floating_point:
+            raise ValueError(f"rois must be a floating-point tensor of shape [K, {width}] ({fields}); "
+                             f"got {rois.dtype} of shape {list(rois.shape)}")
+        if pooled_height <= 0 or pooled_width <= 0:
+            raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
+    if not grad.dtype.is_floating_point:
+        raise TypeError(f"grad must be a floating-point tensor; got dtype {grad.dtype}")
+    if input is not None and grad.dtype != input.dtype:
+        raise TypeError(f"grad must have the input's dtype {input.dtype}; got {grad.dtype}")
+    expected = [rois.shape[0], channels, pooled_height, pooled_width]
+    if list(grad.shape) != expected:
+        raise ValueError(f"grad must have the forward output's shape [K, C, PH, PW] = {expected}; "
+                         f"got {list(grad.shape)}")
+    if grad.device != rois.device:
+        raise ValueError(f"grad and rois must be on the same device; got grad on {grad.device} and rois on {rois.device}")
+    if values:
+        check_batch_index(rois, batch_size)
+
+
 def gradient_like(input: Tensor, rois: Tensor, channels_last: bool, zeros: bool = True) -> tuple[Tensor, Tensor]:
     """(input gradient in the input's layout, ``[K, 5]`` box gradient), zeros or uninitialised: what
     a backward operator returns when there is nothing to compute, and its fake implementation."""

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .. import _backend
 from ..kernels.reference.common import compute_dtype
-from .common import check_batch_index, is_channels_last
-from .roi_align import _backward_input, _backward_rois, _check_tensors, _forward
+from .common import check_backward, check_batch_index, check_sampling_ratio, is_channels_last
+from .roi_align import _FIELDS, _backward_input, _backward_rois, _check_tensors, _forward
 
 __all__ = ["multiscale_roi_align", "multiscale_roi_align_backward", "multiscale_roi_align_backward_rois"]
 
@@ -43,6 +43,37 @@ def _check(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[fl
                          f"got {levels.dtype} of shape {list(levels.shape)}")
 
 
+def _check_levels(levels: Tensor, count: int) -> None:
+    if levels.numel() and bool(((levels < -1) | (levels >= count)).any()):
+        raise IndexError(f"levels must lie in [-1, {count}) (-1: no level); got values from {int(levels.min())} "
+                         f"to {int(levels.max())}")
+
+
+def _check_backward(grad: Tensor, rois: Tensor, levels: Tensor, scales: list[float], pooled_height: int,
+                    pooled_width: int, sizes: list[int], dtypes: list[int], channels_last: list[bool],
+                    sampling_ratio: int, values: bool = True) -> None:
+    """The input-gradient operator's checks (it has the maps' sizes, dtypes and layouts, not the
+    maps); ``values=False`` skips those of the batch indices and levels."""
+    count = len(scales)
+    if count == 0 or len(sizes) != 4 * count or len(dtypes) != count or len(channels_last) != count:
+        raise ValueError(f"scales, sizes (N, C, H, W per map), dtypes and channels_last must describe the same, "
+                         f"non-zero number of feature maps; got {count} scales, {len(sizes)} sizes, {len(dtypes)} "
+                         f"dtypes and {len(channels_last)} layouts")
+    if any(not 0 <= d < len(_DTYPES) for d in dtypes):
+        raise ValueError(f"dtypes must index {[str(d) for d in _DTYPES]}; got {list(dtypes)}")
+    if any(sizes[4 * i: 4 * i + 2] != sizes[:2] for i in range(count)):
+        raise ValueError(f"every feature map must have the batch size and channels of the first; got sizes {list(sizes)}")
+    if levels.shape != (rois.shape[0],) or levels.dtype != torch.int64:
+        raise ValueError(f"levels must be an int64 tensor of shape [K] = [{rois.shape[0]}]; "
+                         f"got {levels.dtype} of shape {list(levels.shape)}")
+    for i in range(count):
+        check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=tuple(sizes[4 * i: 4 * i + 4]),
+                       values=values and i == 0)
+    check_sampling_ratio(sampling_ratio)
+    if values:
+        _check_levels(levels, count)
+
+
 def _compute_rois(rois: Tensor, dtype: torch.dtype) -> Tensor:
     """The boxes as roi_align's functional passes them for features of ``dtype``."""
     return rois.to(compute_dtype(dtype))
@@ -59,9 +90,7 @@ def multiscale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, s
     ``levels[k]`` is -1 (a box without a size); the first map's dtype."""
     _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
     check_batch_index(rois, features[0].shape[0])
-    if levels.numel() and bool(((levels < -1) | (levels >= len(features))).any()):
-        raise IndexError(f"levels must lie in [-1, {len(features)}) (-1: no level); got values from {int(levels.min())} "
-                         f"to {int(levels.max())}")
+    _check_levels(levels, len(features))
     kernel = _backend.select(rois.device, "roi_align")
     first = features[0]
     result = first.new_zeros((rois.shape[0], first.shape[1], pooled_height, pooled_width))
@@ -87,6 +116,8 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, levels: Tensor, sc
                                   pooled_height: int, pooled_width: int, sizes: List[int], dtypes: List[int],
                                   channels_last: List[bool], sampling_ratio: int, aligned: bool) -> List[Tensor]:
     """Gradients of every feature map: ``sizes`` holds ``N, C, H, W`` of each, ``dtypes`` indices into ``_DTYPES``."""
+    _check_backward(grad, rois, levels, scales, pooled_height, pooled_width, sizes, dtypes, channels_last,
+                    sampling_ratio)
     kernel = _backend.select(grad.device, "roi_align")
     grads = []
     for level, scale in enumerate(scales):
@@ -101,6 +132,8 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, levels: Tensor, sc
 
 @multiscale_roi_align_backward.register_fake
 def _(grad, rois, levels, scales, pooled_height, pooled_width, sizes, dtypes, channels_last, sampling_ratio, aligned):
+    _check_backward(grad, rois, levels, scales, pooled_height, pooled_width, sizes, dtypes, channels_last,
+                    sampling_ratio, values=False)
     return [torch.empty(sizes[4 * i: 4 * i + 4], dtype=_DTYPES[dtypes[i]], device=grad.device,
                         memory_format=torch.channels_last if channels_last[i] else torch.contiguous_format)
             for i in range(len(scales))]
@@ -111,6 +144,9 @@ def multiscale_roi_align_backward_rois(grad: Tensor, features: List[Tensor], roi
                                        scales: List[float], pooled_height: int, pooled_width: int,
                                        sampling_ratio: int, aligned: bool) -> Tensor:
     """Gradient with respect to the boxes ``[K, 5]`` (zero in the batch-index column)."""
+    _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=features[0])
+    _check_levels(levels, len(features))
     kernel = _backend.select(grad.device, "roi_align")
     grad_rois = torch.zeros_like(rois)
     for level, (feature, scale) in enumerate(zip(features, scales)):
@@ -125,6 +161,8 @@ def multiscale_roi_align_backward_rois(grad: Tensor, features: List[Tensor], roi
 
 @multiscale_roi_align_backward_rois.register_fake
 def _(grad, features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio, aligned):
+    _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=features[0], values=False)
     return torch.empty_like(rois)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, check_tensors, gradient_like, is_channels_last
+from .common import check_backward, check_batch_index, check_tensors, gradient_like, is_channels_last
 
 __all__ = ["prroi_pool", "prroi_pool_backward"]
 
@@ -50,6 +50,7 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
                         want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """Gradients of ``prroi_pool``: the input's (in the input's layout) and the boxes' ``[K, 5]``;
     one not wanted (``want_input``, ``want_rois``) is not computed and comes back as zeros."""
+    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input)
     if rois.shape[0] == 0 or input.numel() == 0:
         return gradient_like(input, rois, channels_last)
     kernel = _backend.select(input.device, _OPERATOR)
@@ -59,6 +60,7 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
 
 @prroi_pool_backward.register_fake
 def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, channels_last, want_input=True, want_rois=True):
+    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input, values=False)
     return gradient_like(input, rois, channels_last, zeros=False)
 
 

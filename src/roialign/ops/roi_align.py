@@ -13,15 +13,18 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import (check_batch_index, check_sampling_ratio, check_tensors, checked_rois, is_channels_last,
-                     register_triton_decomposition)
+from .common import (check_backward, check_batch_index, check_sampling_ratio, check_tensors, checked_rois,
+                     is_channels_last, register_triton_decomposition)
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_backward_rois"]
 
 
+_FIELDS = "batch index, x1, y1, x2, y2"
+
+
 def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int,
                    sampling_ratio: int) -> None:
-    check_tensors(input, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2")
+    check_tensors(input, rois, pooled_height, pooled_width, _FIELDS)
     check_sampling_ratio(sampling_ratio)
 
 
@@ -70,6 +73,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
                        aligned: bool, channels_last: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to its input, laid out as the input was."""
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width))
+    check_sampling_ratio(sampling_ratio)
     return _backward_input(_backend.select(grad.device, "roi_align"), grad, rois, spatial_scale, pooled_height, pooled_width,
                            batch_size, channels, height, width, sampling_ratio, aligned, channels_last)
 
@@ -87,6 +92,8 @@ def _backward_input(kernel, grad, rois, spatial_scale, pooled_height, pooled_wid
 @roi_align_backward.register_fake
 def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
       aligned, channels_last):
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width),
+                   values=False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty((batch_size, channels, height, width), dtype=grad.dtype, device=grad.device,
                        memory_format=memory_format)
@@ -96,6 +103,8 @@ def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channe
 def roi_align_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                             pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to the boxes: ``[K, 5]``, zero in the batch-index column."""
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input)
+    check_sampling_ratio(sampling_ratio)
     return _backward_rois(_backend.select(input.device, "roi_align"), grad, input, rois, spatial_scale, pooled_height,
                           pooled_width, sampling_ratio, aligned)
 
@@ -109,6 +118,7 @@ def _backward_rois(kernel, grad, input, rois, spatial_scale, pooled_height, pool
 
 @roi_align_backward_rois.register_fake
 def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input, values=False)
     return rois.new_empty(rois.shape)
 
 

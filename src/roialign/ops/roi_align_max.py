@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, check_sampling_ratio, check_tensors, gradient_like, is_channels_last
+from .common import (check_backward, check_batch_index, check_sampling_ratio, check_tensors, gradient_like,
+                     is_channels_last)
 
 __all__ = ["roi_align_max", "roi_align_max_backward"]
 
@@ -56,6 +57,8 @@ def roi_align_max_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_sc
                            want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """Gradients of ``roi_align_max``: the input's (in the input's layout) and the boxes' ``[K, 5]``;
     one not wanted (``want_input``, ``want_rois``) is not computed and comes back as zeros."""
+    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input)
+    check_sampling_ratio(sampling_ratio)
     if rois.shape[0] == 0 or input.numel() == 0:
         return gradient_like(input, rois, channels_last)
     kernel = _backend.select(input.device, _OPERATOR)
@@ -66,6 +69,7 @@ def roi_align_max_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_sc
 @roi_align_max_backward.register_fake
 def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, onnx, channels_last,
       want_input=True, want_rois=True):
+    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input, values=False)
     return gradient_like(input, rois, channels_last, zeros=False)
 
 

@@ -14,16 +14,19 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_batch_index, check_sampling_ratio, check_tensors, is_channels_last
+from .common import check_backward, check_batch_index, check_sampling_ratio, check_tensors, is_channels_last
 
 __all__ = ["roi_align_rotated", "roi_align_rotated_backward", "roi_align_rotated_backward_rois"]
 
 _OPERATOR = "roi_align_rotated"
 
 
+_FIELDS = "batch index, centre x, centre y, width, height, angle"
+
+
 def _check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int,
                    sampling_ratio: int) -> None:
-    check_tensors(input, rois, pooled_height, pooled_width, "batch index, centre x, centre y, width, height, angle")
+    check_tensors(input, rois, pooled_height, pooled_width, _FIELDS)
     check_sampling_ratio(sampling_ratio)
 
 
@@ -68,6 +71,8 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
                                sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool,
                                channels_last: bool) -> Tensor:
     """Gradient of ``roi_align_rotated`` with respect to its input, laid out as the input was."""
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width))
+    check_sampling_ratio(sampling_ratio)
     shape = (batch_size, channels, height, width)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if rois.shape[0] == 0 or grad.numel() == 0 or height * width == 0:
@@ -80,6 +85,8 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
 @roi_align_rotated_backward.register_fake
 def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height, width, sampling_ratio,
       aligned, clockwise, degrees, channels_last):
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width),
+                   values=False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty((batch_size, channels, height, width), dtype=grad.dtype, device=grad.device,
                        memory_format=memory_format)
@@ -90,6 +97,8 @@ def roi_align_rotated_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, s
                                     pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
                                     clockwise: bool, degrees: bool) -> Tensor:
     """Gradient of ``roi_align_rotated`` with respect to the boxes: ``[K, 6]``, zero in the batch-index column."""
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input)
+    check_sampling_ratio(sampling_ratio)
     if rois.shape[0] == 0 or input.numel() == 0:
         return rois.new_zeros(rois.shape)
     kernel = _backend.select(input.device, _OPERATOR)
@@ -99,6 +108,7 @@ def roi_align_rotated_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, s
 
 @roi_align_rotated_backward_rois.register_fake
 def _(grad, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, clockwise, degrees):
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input, values=False)
     return rois.new_empty(rois.shape)
 
 
