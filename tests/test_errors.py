@@ -212,3 +212,30 @@ def test_backward_operators_take_what_autograd_passes(backend):
                        roialign.roi_align_rotated(features, rotated, 2, 1.0, 2)]
             sum(out.sum() for out in outputs).backward()
             assert features.grad.abs().sum() > 0 and rois.grad.abs().sum() > 0 and rotated.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, 0.0, -0.5])
+def test_operators_called_directly_check_spatial_scale(backend, scale):
+    # The API refuses these before the operators; called directly, they gave NaN or zeros.
+    calls = [lambda: ops.roi_align(X, ROIS, scale, 2, 2, 1, True),
+             lambda: ops.roi_align_max(X, ROIS, scale, 2, 2, 1, True, False),
+             lambda: ops.prroi_pool(X, ROIS, scale, 2, 2),
+             lambda: ops.roi_align_rotated(X, R6, scale, 2, 2, 1, True, False, True),
+             lambda: ops.roi_align_backward(G, ROIS, scale, 2, 2, 2, 3, 8, 8, 1, True, False),
+             lambda: ops.roi_align_backward_rois(G, X, ROIS, scale, 2, 2, 1, True),
+             lambda: ops.roi_align_rotated_backward(G, R6, scale, 2, 2, 2, 3, 8, 8, 1, True, False, True, False),
+             lambda: ops.roi_align_rotated_backward_rois(G, X, R6, scale, 2, 2, 1, True, False, True),
+             lambda: ops.roi_align_max_backward(G, X, ROIS, scale, 2, 2, 1, True, False, False),
+             lambda: ops.prroi_pool_backward(G, X, ROIS, scale, 2, 2, False)]
+    with roialign.use_backend(backend):
+        for call in calls:
+            with pytest.raises(ValueError, match="spatial_scale must be finite and positive"):
+                call()
+        levels = torch.tensor([0, 1])
+        for call in (lambda: ops.multiscale_roi_align([X, X], ROIS, levels, [0.5, scale], 2, 2, 1, True),
+                     lambda: ops.multiscale_roi_align_backward(G, ROIS, levels, [0.5, scale], 2, 2, [2, 3, 8, 8] * 2,
+                                                               [2, 2], [False, False], 1, True),
+                     lambda: ops.multiscale_roi_align_backward_rois(G, [X, X], ROIS, levels, [0.5, scale], 2, 2, 1,
+                                                                    True)):
+            with pytest.raises(ValueError, match=r"scales\[1\] must be finite and positive"):
+                call()

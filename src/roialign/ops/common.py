@@ -4,6 +4,7 @@ operator into its Triton kernels on CUDA."""
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import numba
@@ -49,16 +50,26 @@ def check_tensors(input: Tensor, rois: Tensor, pooled_height: int, pooled_width:
         raise ValueError(f"output_size must be positive; got ({pooled_height}, {pooled_width})")
 
 
+def check_scale(spatial_scale: float, name: str = "spatial_scale") -> None:
+    """ValueError naming ``spatial_scale`` unless it is finite and positive (the API checks its type
+    too; this covers direct calls of the operators, which would otherwise give NaN or zeros)."""
+    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise ValueError(f"{name} must be finite and positive; got {spatial_scale!r}")
+
+
 def check_backward(grad: Tensor, rois: Tensor, pooled_height: int, pooled_width: int, fields: str, *,
                    input: Tensor | None = None, input_shape: tuple[int, int, int, int] | None = None,
-                   values: bool = True) -> None:
+                   values: bool = True, spatial_scale: float | None = None) -> None:
     """Checks of a backward operator's arguments: ``rois`` as the forward checks them (with the
     features ``input``, or their shape ``input_shape`` where the operator takes only that), and
     ``grad`` the ``[K, C, PH, PW]`` gradient of the forward's output for those boxes and features.
 
     Autograd always passes consistent arguments; a direct call with others would have the kernels
     index outside their buffers, so it is a ValueError, TypeError or IndexError naming the argument.
-    ``values=False`` (fake implementations) skips the batch indices, which need the boxes' values."""
+    ``values=False`` (fake implementations) skips the batch indices, which need the boxes' values;
+    ``spatial_scale``, when given, is checked with :func:`check_scale`."""
+    if spatial_scale is not None:
+        check_scale(spatial_scale)
     if input is not None:
         check_tensors(input, rois, pooled_height, pooled_width, fields)
         batch_size, channels = input.shape[0], input.shape[1]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..kernels.reference.common import compute_dtype
-from .common import check_backward, check_batch_index, check_sampling_ratio, is_channels_last
+from .common import check_backward, check_batch_index, check_sampling_ratio, check_scale, is_channels_last
 from .roi_align import _FIELDS, _backward_input, _backward_rois, _check_tensors, _forward
 
 __all__ = ["multiscale_roi_align", "multiscale_roi_align_backward", "multiscale_roi_align_backward_rois"]
@@ -41,6 +41,11 @@ def _check(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[fl
     if levels.shape != (rois.shape[0],) or levels.dtype != torch.int64:
         raise ValueError(f"levels must be an int64 tensor of shape [K] = [{rois.shape[0]}]; "
                          f"got {levels.dtype} of shape {list(levels.shape)}")
+
+
+def _check_scales(scales: list[float]) -> None:
+    for i, scale in enumerate(scales):
+        check_scale(scale, f"scales[{i}]")
 
 
 def _check_levels(levels: Tensor, count: int) -> None:
@@ -71,6 +76,7 @@ def _check_backward(grad: Tensor, rois: Tensor, levels: Tensor, scales: list[flo
                        values=values and i == 0)
     check_sampling_ratio(sampling_ratio)
     if values:
+        _check_scales(scales)
         _check_levels(levels, count)
 
 
@@ -89,6 +95,7 @@ def multiscale_roi_align(features: List[Tensor], rois: Tensor, levels: Tensor, s
     """Box ``k`` pooled from ``features[levels[k]]`` at ``scales[levels[k]]``, or zeros where
     ``levels[k]`` is -1 (a box without a size); the first map's dtype."""
     _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
+    _check_scales(scales)
     check_batch_index(rois, features[0].shape[0])
     _check_levels(levels, len(features))
     kernel = _backend.select(rois.device, "roi_align")
@@ -146,6 +153,7 @@ def multiscale_roi_align_backward_rois(grad: Tensor, features: List[Tensor], roi
     """Gradient with respect to the boxes ``[K, 5]`` (zero in the batch-index column)."""
     _check(features, rois, levels, scales, pooled_height, pooled_width, sampling_ratio)
     check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=features[0])
+    _check_scales(scales)
     _check_levels(levels, len(features))
     kernel = _backend.select(grad.device, "roi_align")
     grad_rois = torch.zeros_like(rois)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_backward, check_batch_index, check_tensors, gradient_like, is_channels_last
+from .common import check_backward, check_batch_index, check_scale, check_tensors, gradient_like, is_channels_last
 
 __all__ = ["prroi_pool", "prroi_pool_backward"]
 
@@ -27,6 +27,7 @@ def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_heigh
     """PrRoIPool forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``.
     The operator's implementation (see ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width)
+    check_scale(spatial_scale)
     check_batch_index(rois, input.shape[0])
     k, c = rois.shape[0], input.shape[1]
     if k == 0 or input.numel() == 0:
@@ -50,7 +51,8 @@ def prroi_pool_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale
                         want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """Gradients of ``prroi_pool``: the input's (in the input's layout) and the boxes' ``[K, 5]``;
     one not wanted (``want_input``, ``want_rois``) is not computed and comes back as zeros."""
-    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input)
+    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input,
+                   spatial_scale=spatial_scale)
     if rois.shape[0] == 0 or input.numel() == 0:
         return gradient_like(input, rois, channels_last)
     kernel = _backend.select(input.device, _OPERATOR)

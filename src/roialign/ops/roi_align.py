@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import (check_backward, check_batch_index, check_sampling_ratio, check_tensors, checked_rois,
-                     is_channels_last, register_triton_decomposition)
+from .common import (check_backward, check_batch_index, check_sampling_ratio, check_scale, check_tensors,
+                     checked_rois, is_channels_last, register_triton_decomposition)
 
 __all__ = ["roi_align", "roi_align_backward", "roi_align_backward_rois"]
 
@@ -34,6 +34,7 @@ def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_heigh
     channels_last when the input is (:func:`output_format`). The operator's implementation (see
     ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
+    check_scale(spatial_scale)
     check_batch_index(rois, input.shape[0])
     return _forward(_backend.select(input.device, "roi_align"), input, rois, spatial_scale, pooled_height, pooled_width,
                     sampling_ratio, aligned)
@@ -73,7 +74,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        batch_size: int, channels: int, height: int, width: int, sampling_ratio: int,
                        aligned: bool, channels_last: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to its input, laid out as the input was."""
-    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width))
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width),
+                   spatial_scale=spatial_scale)
     check_sampling_ratio(sampling_ratio)
     return _backward_input(_backend.select(grad.device, "roi_align"), grad, rois, spatial_scale, pooled_height, pooled_width,
                            batch_size, channels, height, width, sampling_ratio, aligned, channels_last)
@@ -103,7 +105,7 @@ def _(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channe
 def roi_align_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int,
                             pooled_width: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Gradient of ``roi_align`` with respect to the boxes: ``[K, 5]``, zero in the batch-index column."""
-    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input)
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input, spatial_scale=spatial_scale)
     check_sampling_ratio(sampling_ratio)
     return _backward_rois(_backend.select(input.device, "roi_align"), grad, input, rois, spatial_scale, pooled_height,
                           pooled_width, sampling_ratio, aligned)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import (check_backward, check_batch_index, check_sampling_ratio, check_tensors, gradient_like,
-                     is_channels_last)
+from .common import (check_backward, check_batch_index, check_sampling_ratio, check_scale, check_tensors,
+                     gradient_like, is_channels_last)
 
 __all__ = ["roi_align_max", "roi_align_max_backward"]
 
@@ -33,6 +33,7 @@ def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_heigh
     """Max-mode RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 5]`` boxes to ``[K, C, PH, PW]``.
     The operator's implementation (see ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
+    check_scale(spatial_scale)
     check_batch_index(rois, input.shape[0])
     k, c = rois.shape[0], input.shape[1]
     if k == 0 or input.numel() == 0:
@@ -57,7 +58,8 @@ def roi_align_max_backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_sc
                            want_rois: bool = True) -> tuple[Tensor, Tensor]:
     """Gradients of ``roi_align_max``: the input's (in the input's layout) and the boxes' ``[K, 5]``;
     one not wanted (``want_input``, ``want_rois``) is not computed and comes back as zeros."""
-    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input)
+    check_backward(grad, rois, pooled_height, pooled_width, "batch index, x1, y1, x2, y2", input=input,
+                   spatial_scale=spatial_scale)
     check_sampling_ratio(sampling_ratio)
     if rois.shape[0] == 0 or input.numel() == 0:
         return gradient_like(input, rois, channels_last)

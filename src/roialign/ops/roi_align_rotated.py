@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .common import check_backward, check_batch_index, check_sampling_ratio, check_tensors, is_channels_last
+from .common import check_backward, check_batch_index, check_sampling_ratio, check_scale, check_tensors, is_channels_last
 
 __all__ = ["roi_align_rotated", "roi_align_rotated_backward", "roi_align_rotated_backward_rois"]
 
@@ -46,6 +46,7 @@ def forward_impl(input: Tensor, rois: Tensor, spatial_scale: float, pooled_heigh
     """Rotated RoIAlign forward: ``[N, C, H, W]`` features and ``[K, 6]`` boxes to ``[K, C, PH, PW]``.
     The operator's implementation (see ``common.call_op``)."""
     _check_tensors(input, rois, pooled_height, pooled_width, sampling_ratio)
+    check_scale(spatial_scale)
     check_batch_index(rois, input.shape[0])
     check_sizes(rois)
     k, c = rois.shape[0], input.shape[1]
@@ -71,7 +72,8 @@ def roi_align_rotated_backward(grad: Tensor, rois: Tensor, spatial_scale: float,
                                sampling_ratio: int, aligned: bool, clockwise: bool, degrees: bool,
                                channels_last: bool) -> Tensor:
     """Gradient of ``roi_align_rotated`` with respect to its input, laid out as the input was."""
-    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width))
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=(batch_size, channels, height, width),
+                   spatial_scale=spatial_scale)
     check_sampling_ratio(sampling_ratio)
     shape = (batch_size, channels, height, width)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -97,7 +99,7 @@ def roi_align_rotated_backward_rois(grad: Tensor, input: Tensor, rois: Tensor, s
                                     pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool,
                                     clockwise: bool, degrees: bool) -> Tensor:
     """Gradient of ``roi_align_rotated`` with respect to the boxes: ``[K, 6]``, zero in the batch-index column."""
-    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input)
+    check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input=input, spatial_scale=spatial_scale)
     check_sampling_ratio(sampling_ratio)
     if rois.shape[0] == 0 or input.numel() == 0:
         return rois.new_zeros(rois.shape)
