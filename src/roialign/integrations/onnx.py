@@ -3,7 +3,8 @@
 * ``torch.onnx.export(..., dynamo=True)`` (the default): ``roialign.roi_align`` (and so
   ``ROIAlign``) sees ``torch.onnx.is_in_onnx_export()`` and records the node itself with
   ``torch.onnx.ops.symbolic``; torch.export keeps a custom op opaque, so the switch has to be in
-  the Python functional. A model that calls ``torch.ops.roialign.roi_align`` directly needs
+  the Python functional. Where the operators reach the exporter as they are (a model that calls
+  ``torch.ops.roialign.*`` directly, an ``ExportedProgram``, a strict capture) pass
   ``custom_translation_table=onnx_translation_table()``.
 * ``torch.onnx.export(..., dynamo=False)`` (TorchScript): the trace keeps the op
   ``roialign::roi_align`` and a symbolic registered for it emits the node. The functional
@@ -56,9 +57,9 @@ def exporting() -> bool:
 
     ``torch.onnx.is_in_onnx_export()`` says so, except inside a strict ``torch.export`` trace:
     TorchDynamo folds that call to False. The dynamo exporter falls back to a strict trace when
-    its first, non-strict one fails, and reading its flag as a module attribute keeps the
-    answer true there, so that such a model still exports our operators as ONNX nodes (and a
-    refusal still says why) instead of keeping them opaque."""
+    its first, non-strict one fails; reading its flag as a module attribute keeps the answer
+    true there, so that a refusal (rotated, ``mode="max"``, PrRoIPool) still says why. The
+    operators that do export stay opaque in such a trace (see :func:`records_nodes`)."""
     return torch.onnx.is_in_onnx_export() or bool(getattr(_dynamo_export_flags, "_is_onnx_exporting", False))
 
 

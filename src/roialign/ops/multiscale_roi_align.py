@@ -38,6 +38,10 @@ def _check(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[fl
         if feature.shape[:2] != first.shape[:2]:
             raise ValueError(f"every feature map must have the batch size and channels of the first, "
                              f"{list(first.shape[:2])}; features[{i}] has {list(feature.shape[:2])}")
+    _check_level_tensor(levels, rois)
+
+
+def _check_level_tensor(levels: Tensor, rois: Tensor) -> None:
     if levels.shape != (rois.shape[0],) or levels.dtype != torch.int64:
         raise ValueError(f"levels must be an int64 tensor of shape [K] = [{rois.shape[0]}]; "
                          f"got {levels.dtype} of shape {list(levels.shape)}")
@@ -68,9 +72,7 @@ def _check_backward(grad: Tensor, rois: Tensor, levels: Tensor, scales: list[flo
         raise ValueError(f"dtypes must index {[str(d) for d in _DTYPES]}; got {list(dtypes)}")
     if any(sizes[4 * i: 4 * i + 2] != sizes[:2] for i in range(count)):
         raise ValueError(f"every feature map must have the batch size and channels of the first; got sizes {list(sizes)}")
-    if levels.shape != (rois.shape[0],) or levels.dtype != torch.int64:
-        raise ValueError(f"levels must be an int64 tensor of shape [K] = [{rois.shape[0]}]; "
-                         f"got {levels.dtype} of shape {list(levels.shape)}")
+    _check_level_tensor(levels, rois)
     for i in range(count):
         check_backward(grad, rois, pooled_height, pooled_width, _FIELDS, input_shape=tuple(sizes[4 * i: 4 * i + 4]),
                        values=values and i == 0)
