@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import roialign
-from roialign.compat.mmcv import RoIAlign, roi_align
+from roialign.compat.mmcv import RoIAlign, roi_align, roi_align_rotated
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -206,6 +206,19 @@ def test_other_pool_mode_is_a_value_error(pool_mode):
 def test_bad_arguments_are_named(kwargs, error, name):
     with pytest.raises(error, match=name):
         RoIAlign(**kwargs)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+@pytest.mark.parametrize("rois, error, match", [
+    ("boxes", TypeError, r"^rois must be a \[K, \d\] tensor"),
+    ([[1.0, 2.0, 3.0, 4.0]], TypeError, r"^rois\[0\] must be a tensor"),
+    ([torch.zeros(2, 3)], ValueError, r"^rois\[0\] must have shape"),
+    ([], ValueError, r"^rois must not be an empty list"),
+])
+def test_bad_rois_lists_name_mmcvs_argument(rotated, rois, error, match):
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(error, match=match):
+        (roi_align_rotated if rotated else roi_align)(x, rois, 2)
 
 
 def test_repr_shows_mmcvs_arguments():

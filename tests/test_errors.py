@@ -239,3 +239,25 @@ def test_operators_called_directly_check_spatial_scale(backend, scale):
                                                                     True)):
             with pytest.raises(ValueError, match=r"scales\[1\] must be finite and positive"):
                 call()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: roialign.ROIAlign(7, 0.25, 2),
+    lambda: roialign.ROIAlignRotated(7, 0.25, 2),
+    lambda: roialign.PrRoIPool(7, 0.25),
+    lambda: roialign.MultiScaleRoIAlign(["0", "1"], 7, 2),
+    lambda: __import__("roialign.compat.mmcv", fromlist=["RoIAlign"]).RoIAlign(7, 0.25, 2),
+    lambda: __import__("roialign.compat.mmcv", fromlist=["RoIAlignRotated"]).RoIAlignRotated(7, 0.25, 2),
+], ids=["ROIAlign", "ROIAlignRotated", "PrRoIPool", "MultiScaleRoIAlign", "mmcv.RoIAlign", "mmcv.RoIAlignRotated"])
+def test_torch_jit_script_of_a_module_says_why_it_cannot(make):
+    # Before, TorchScript failed deep inside with a parse error ("Comprehension ifs are not
+    # supported yet", "Compiled functions can't take variable number of arguments").
+    import warnings
+
+    module = make()
+    inner = torch.nn.Sequential(module)  # inside a model, as a user would meet it
+    for target in (module, inner):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.14
+            with pytest.raises(RuntimeError, match=r"cannot be compiled by torch\.jit\.script.*patch_torchvision"):
+                torch.jit.script(target)

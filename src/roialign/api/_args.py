@@ -96,23 +96,34 @@ def check_scalars(spatial_scale: float, sampling_ratio: int, aligned: bool) -> N
         raise TypeError(f"aligned must be a bool; got {aligned!r}")
 
 
-def boxes_to_rois(boxes: BoxesLike, fields: str = "x1, y1, x2, y2") -> Tensor:
+def boxes_to_rois(boxes: BoxesLike, fields: str = "x1, y1, x2, y2", name: str = "boxes") -> Tensor:
     """A ``[K, 1 + F]`` tensor as is, or a list of per-image ``[L_i, F]`` tensors joined into one
-    with the image index in front; ``fields`` names the F box columns, for error messages."""
+    with the image index in front; ``fields`` names the F box columns and ``name`` the argument,
+    for error messages."""
     if isinstance(boxes, Tensor):
         return boxes
     width = len(fields.split(","))
     if not isinstance(boxes, Sequence) or isinstance(boxes, str):
-        raise TypeError(f"boxes must be a [K, {width + 1}] tensor or a list of [L, {width}] tensors; "
+        raise TypeError(f"{name} must be a [K, {width + 1}] tensor or a list of [L, {width}] tensors; "
                         f"got {type(boxes).__name__}")
     parts = []
     for i, b in enumerate(boxes):
         if not isinstance(b, Tensor):
-            raise TypeError(f"boxes[{i}] must be a tensor of shape [L, {width}]; got {type(b).__name__}")
+            raise TypeError(f"{name}[{i}] must be a tensor of shape [L, {width}]; got {type(b).__name__}")
         if b.dim() != 2 or b.shape[1] != width:
-            raise ValueError(f"boxes[{i}] must have shape [L, {width}] ({fields}); got {list(b.shape)}")
+            raise ValueError(f"{name}[{i}] must have shape [L, {width}] ({fields}); got {list(b.shape)}")
         parts.append(torch.cat((torch.full_like(b[:, :1], i), b), dim=1))
     if not parts:
-        raise ValueError(f"boxes must not be an empty list: pass one [L, {width}] tensor per image, "
+        raise ValueError(f"{name} must not be an empty list: pass one [L, {width}] tensor per image, "
                          f"or a [0, {width + 1}] tensor")
     return torch.cat(parts, dim=0)
+
+
+def refuse_script(module) -> None:
+    """``__prepare_scriptable__`` of roialign's modules: ``torch.jit.script`` calls it first, so a
+    model holding one fails with this message instead of a TorchScript parse error deep inside."""
+    raise RuntimeError(
+        f"{type(module).__module__}.{type(module).__qualname__} cannot be compiled by torch.jit.script: "
+        "roialign's op is Python code, which TorchScript cannot hold. To script a torchvision model, "
+        "keep torchvision's modules and call roialign.patch_torchvision() (the scripted model then runs "
+        "torchvision's kernel); torch.compile and torch.export keep roialign's op.")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..integrations.onnx import records_nodes as _records_onnx_nodes
 from ..integrations.torchvision import torchvision_multiscale_base
 from ..ops import multiscale_roi_align as _op
-from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
+from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair, refuse_script
 from .roi_align import roi_align
 
 __all__ = ["assign_levels", "MultiScaleRoIAlign", "CONVENTIONS"]
@@ -179,6 +179,8 @@ class MultiScaleRoIAlign(torchvision_multiscale_base()):
         - image_shapes: list of ``N`` ``(height, width)`` of the images fed to the backbone
         - output: ``[sum L_i, C, PH, PW]`` of the first pooled feature map's dtype
     """
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, featmap_names: Sequence[str], output_size: int | Sequence[int], sampling_ratio: int, *,
                  canonical_scale: float = 224, canonical_level: int = 4, aligned: bool = False,

@@ -10,7 +10,7 @@ from ..integrations import onnx as _onnx
 from ..kernels.reference.common import compute_dtype
 from ..ops import prroi_pool as _op
 from ..ops.common import call_op
-from ._args import BoxesLike, boxes_to_rois, check_spatial_scale, fx_leaf, output_size_pair
+from ._args import BoxesLike, boxes_to_rois, check_spatial_scale, fx_leaf, output_size_pair, refuse_script
 
 __all__ = ["prroi_pool", "PrRoIPool"]
 
@@ -64,6 +64,8 @@ class PrRoIPool(nn.Module):
         - rois: ``[K, 5]`` of ``(batch index, x1, y1, x2, y2)``, or a list of ``[L_i, 4]`` tensors
         - output: ``[K, C, height, width]``
     """
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float = 1.0) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align as _op
 from ..ops import roi_align_max as _max_op
 from ..ops.common import call_op
-from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
+from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair, refuse_script
 
 __all__ = ["roi_align", "ROIAlign"]
 
@@ -101,6 +101,8 @@ class ROIAlign(nn.Module):
         - rois: ``[K, 5]`` of ``(batch index, x1, y1, x2, y2)``, or a list of ``[L_i, 4]`` tensors
         - output: ``[K, C, height, width]``
     """
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float, sampling_ratio: int,
                  aligned: bool = True, *, mode: str = "avg") -> None:

@@ -11,7 +11,7 @@ from ..integrations import onnx as _onnx
 from ..kernels.reference.common import compute_dtype
 from ..ops import roi_align_rotated as _op
 from ..ops.common import call_op
-from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair
+from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair, refuse_script
 
 __all__ = ["roi_align_rotated", "ROIAlignRotated"]
 
@@ -95,6 +95,8 @@ class ROIAlignRotated(nn.Module):
           ``[L_i, 5]`` tensors
         - output: ``[K, C, height, width]``
     """
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float, sampling_ratio: int) -> None:
         super().__init__()

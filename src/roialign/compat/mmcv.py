@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from ..api._args import check_scalars, fx_leaf, output_size_pair
+from ..api._args import boxes_to_rois, check_scalars, fx_leaf, output_size_pair, refuse_script
 from ..api.roi_align import roi_align as _roi_align
 from ..api.roi_align_rotated import check_rotation_args
 from ..api.roi_align_rotated import roi_align_rotated as _roi_align_rotated
@@ -104,6 +104,7 @@ def roi_align(input: Tensor, rois: Tensor, output_size: int | Sequence[int], spa
             IndexError, for the bad arguments :func:`roialign.roi_align` rejects.
     """
     _check_pool_mode(pool_mode)
+    rois = boxes_to_rois(rois, name="rois")  # so that a bad list's error names mmcv's argument
     return _roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode=pool_mode)
 
 
@@ -138,6 +139,8 @@ class RoIAlign(nn.Module):
             of the wrong type.
         ValueError: for a ``pool_mode`` other than ``'avg'`` and ``'max'``, and out-of-range values.
     """
+
+    __prepare_scriptable__ = refuse_script
 
     @_renamed_keywords("RoIAlign", out_size="output_size", sample_num="sampling_ratio")
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float = 1.0, sampling_ratio: int = 0,
@@ -183,6 +186,7 @@ def roi_align_rotated(input: Tensor, rois: Tensor, output_size: int | Sequence[i
     Returns:
         ``[K, C, PH, PW]``; differentiable with respect to ``input`` and (unlike mmcv) ``rois``.
     """
+    rois = boxes_to_rois(rois, "cx, cy, w, h, angle", name="rois")
     return _roi_align_rotated(input, rois, output_size, spatial_scale, sampling_ratio, aligned=aligned,
                               clockwise=clockwise, angle_unit="radians")
 
@@ -204,6 +208,8 @@ class RoIAlignRotated(nn.Module):
         - rois: ``[K, 6]`` of ``(batch index, cx, cy, w, h, angle in radians)``
         - output: ``[K, C, height, width]``
     """
+
+    __prepare_scriptable__ = refuse_script
 
     @_renamed_keywords("RoIAlignRotated", out_size="output_size", sample_num="sampling_ratio")
     def __init__(self, output_size: int | Sequence[int], spatial_scale: float, sampling_ratio: int = 0,
