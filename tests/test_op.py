@@ -68,6 +68,33 @@ def test_compile_with_inductor_and_dynamic_shapes(backend):
         torch.testing.assert_close(compiled(x, rois), _model(x, rois))
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_fullgraph_with_spatial_scale_traced_as_a_symbol(dynamic):
+    # torch.compile traces a float argument as a symbol from its second value on (or at once with
+    # dynamic=True), module attributes too; the argument checks once called math.isfinite on it,
+    # which Dynamo cannot trace ("torch.* op returned non-Tensor"). torchvision's op compiles.
+    x = torch.randn(2, 3, 16, 16)
+    boxes = torch.tensor([[0, 1.0, 1.0, 10.0, 12.0], [1, 2.3, 0.5, 15.0, 9.0]])
+    rotated = torch.tensor([[0, 8.0, 8.0, 6.0, 4.0, 30.0]])
+    calls = [lambda x, s: roialign.roi_align(x, boxes, 3, s, 2, True),
+             lambda x, s: roialign.roi_align(x, boxes, 3, s, 2, True, mode="max"),
+             lambda x, s: roialign.prroi_pool(x, boxes, 3, s),
+             lambda x, s: roialign.roi_align_rotated(x, rotated, 3, s, 2)]
+    for fn in calls:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="eager", fullgraph=True, dynamic=dynamic)
+        for scale in (0.5, 0.25, 0.125):
+            assert torch.equal(compiled(x, scale), fn(x, scale))
+        lenient = torch.compile(fn, backend="eager", dynamic=dynamic)  # fullgraph turns errors into Unsupported
+        for bad in (0.0, -0.5, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="spatial_scale"):
+                lenient(x, bad)
+    torch._dynamo.reset()
+    module = roialign.ROIAlign(3, 0.5, 2)
+    compiled = torch.compile(module, backend="eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(x, boxes), module(x, boxes))
+
+
 def test_compiled_graph_still_raises_for_bad_batch_index(backend):
     torch._dynamo.reset()
     compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")

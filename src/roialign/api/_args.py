@@ -78,22 +78,29 @@ def output_size_pair(output_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def check_spatial_scale(spatial_scale: float) -> float:
-    """``spatial_scale`` as a float; TypeError/ValueError naming it unless finite and positive."""
-    if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
+    """``spatial_scale`` as a float; TypeError/ValueError naming it unless finite and positive.
+
+    The test is comparisons only, so that ``torch.compile`` can trace it when the value is a
+    symbol (a float argument or module attribute once it has taken two values, or any with
+    ``dynamic=True``): it then guards on the comparisons, and the symbol goes to the operator
+    as it is, as torchvision's does."""
+    if not isinstance(spatial_scale, (numbers.Real, torch.SymFloat)) or isinstance(spatial_scale, bool):
         raise TypeError(f"spatial_scale must be a float; got {spatial_scale!r}")
-    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+    if not 0 < spatial_scale < math.inf:  # False for NaN too
         raise ValueError(f"spatial_scale must be finite and positive; got {spatial_scale!r}")
-    return float(spatial_scale)
+    return spatial_scale * 1.0 if torch.compiler.is_compiling() else float(spatial_scale)  # a symbol stays one
 
 
-def check_scalars(spatial_scale: float, sampling_ratio: int, aligned: bool) -> None:
-    """TypeError/ValueError naming the argument for a bad ``spatial_scale``, ``sampling_ratio`` or ``aligned``."""
-    check_spatial_scale(spatial_scale)
+def check_scalars(spatial_scale: float, sampling_ratio: int, aligned: bool) -> float:
+    """TypeError/ValueError naming the argument for a bad ``spatial_scale``, ``sampling_ratio`` or
+    ``aligned``; returns ``spatial_scale`` as :func:`check_spatial_scale` does."""
+    scale = check_spatial_scale(spatial_scale)
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive sampling); got {sampling_ratio!r}")
     check_sampling_ratio(int(sampling_ratio))
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool; got {aligned!r}")
+    return scale
 
 
 def boxes_to_rois(boxes: BoxesLike, fields: str = "x1, y1, x2, y2", name: str = "boxes") -> Tensor:

@@ -64,7 +64,7 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor [N, C, H, W]; got {type(input).__name__}")
     pooled_height, pooled_width = output_size_pair(output_size)
-    check_scalars(spatial_scale, sampling_ratio, aligned)
+    scale = check_scalars(spatial_scale, sampling_ratio, aligned)
     check_mode(mode)
     rois = boxes_to_rois(boxes)
     if rois.dtype.is_floating_point:
@@ -73,14 +73,14 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size: int | Sequence[int],
         if mode == "max" and _onnx.exporting():
             _onnx.refuse_max_export()
         if _onnx.records_nodes():  # ONNX's own reading becomes RoiAlign(mode="max")
-            return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
+            return _onnx.export_roi_align(input, rois, scale, pooled_height, pooled_width,
                                           int(sampling_ratio), aligned, mode="max")
-        return call_op(_max_op.roi_align_max, _max_op.forward_impl, input, rois, float(spatial_scale), pooled_height,
+        return call_op(_max_op.roi_align_max, _max_op.forward_impl, input, rois, scale, pooled_height,
                        pooled_width, int(sampling_ratio), aligned, mode == "onnx_max")
     if _onnx.records_nodes():  # a standard ONNX RoiAlign node, with either exporter
-        return _onnx.export_roi_align(input, rois, float(spatial_scale), pooled_height, pooled_width,
+        return _onnx.export_roi_align(input, rois, scale, pooled_height, pooled_width,
                                       int(sampling_ratio), aligned)
-    return call_op(_op.roi_align, _op.forward_impl, input, rois, float(spatial_scale), pooled_height, pooled_width,
+    return call_op(_op.roi_align, _op.forward_impl, input, rois, scale, pooled_height, pooled_width,
                    int(sampling_ratio), aligned)
 
 

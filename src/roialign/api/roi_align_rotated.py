@@ -67,14 +67,14 @@ def roi_align_rotated(input: Tensor, boxes: BoxesLike, output_size: int | Sequen
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor [N, C, H, W]; got {type(input).__name__}")
     pooled_height, pooled_width = output_size_pair(output_size)
-    check_scalars(spatial_scale, sampling_ratio, aligned)
+    scale = check_scalars(spatial_scale, sampling_ratio, aligned)
     check_rotation_args(clockwise, angle_unit)
     rois = boxes_to_rois(boxes, "cx, cy, w, h, angle")
     if rois.dtype.is_floating_point and rois.dtype != torch.float64:
         rois = rois.to(compute_dtype(input.dtype))  # float64 angles stay float64
     if _onnx.exporting():
         _onnx.refuse_rotated_export()
-    return call_op(_op.roi_align_rotated, _op.forward_impl, input, rois, float(spatial_scale), pooled_height,
+    return call_op(_op.roi_align_rotated, _op.forward_impl, input, rois, scale, pooled_height,
                    pooled_width, int(sampling_ratio), aligned, clockwise, angle_unit == "degrees")
 
 
