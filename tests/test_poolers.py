@@ -55,6 +55,21 @@ def test_torchvision_convention_matches_torchvision_level_mapper(dtype):
     assert len(set(roialign.assign_levels(boxes, 2, 5).tolist())) == 4  # every level is used
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_boxes_get_the_levels_of_their_float32_values_as_in_torchvision_and_detectron2(dtype):
+    # A detector's proposals are half under autocast. torchvision's box_area upcasts them and
+    # detectron2's Boxes hold float32; in the half dtype itself some boxes moved a level, and a
+    # float16 area overflows past 256 x 256 pixels (a 300 x 300 box went to the coarsest level).
+    boxes = [random_boxes(2000, (800, 1000), seed=3, dtype=dtype), boundary_boxes(dtype),
+             torch.tensor([[0.0, 0.0, 300.0, 300.0]], dtype=dtype)]
+    assert torch.equal(roialign.assign_levels(boxes, 2, 5), LevelMapper(2, 5)(boxes))
+    as_float = [b.float() for b in boxes]
+    for convention in ("torchvision", "detectron2", "mmdet"):
+        assert torch.equal(roialign.assign_levels(boxes, 2, 5, convention=convention),
+                           roialign.assign_levels(as_float, 2, 5, convention=convention))
+    assert int(roialign.assign_levels(boxes[2], 2, 5)[0]) == 2  # P4: 4 + log2(300 / 224), as in float32
+
+
 def test_conventions_place_their_epsilon_differently():
     # Sides just below a boundary, in float64 so that the offsets survive: torchvision's 1e-6 is
     # added outside log2, detectron2's 1e-8 inside it, mmdet's 1e-6 inside it with scale 56.

@@ -27,7 +27,10 @@ CONVENTIONS = ("torchvision", "detectron2", "mmdet")
 
 
 def _box_sides(boxes: BoxesLike) -> Tensor:
-    """``sqrt(area)`` of ``[K, 4]`` / ``[K, 5]`` boxes or a list of ``[L, 4]`` tensors, in the boxes' dtype."""
+    """``sqrt(area)`` of ``[K, 4]`` / ``[K, 5]`` boxes or a list of ``[L, 4]`` tensors, in the boxes'
+    dtype, or in float32 for float16 and bfloat16 boxes (a detector's proposals under autocast):
+    torchvision's ``box_area`` upcasts them and detectron2's ``Boxes`` hold float32, and a float16
+    area overflows past 256 x 256 pixels."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] not in (4, 5):
             raise ValueError(f"boxes must have shape [K, 4] (x1, y1, x2, y2) or [K, 5] (batch index, x1, y1, x2, y2); "
@@ -37,6 +40,8 @@ def _box_sides(boxes: BoxesLike) -> Tensor:
         corners = boxes_to_rois(boxes)[:, 1:]
     if not corners.dtype.is_floating_point:
         raise TypeError(f"boxes must be floating point; got dtype {corners.dtype}")
+    if corners.dtype in (torch.float16, torch.bfloat16):
+        corners = corners.float()
     return torch.sqrt((corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1]))
 
 
@@ -63,7 +68,9 @@ def assign_levels(boxes: BoxesLike, min_level: int, max_level: int, *, conventio
     - ``"mmdet"``: ``min_level + floor(log2(s / finest_scale + 1e-6))``
 
     and the level is clamped to ``[min_level, max_level]``. The arithmetic is done in the boxes'
-    dtype, in each framework's order of operations, so that ties fall the same way.
+    dtype (float32 for float16 and bfloat16 boxes, which torchvision and detectron2 upcast too; so
+    does roialign for mmdet's rule), in each framework's order of operations, so that ties fall
+    the same way.
 
     A box whose size is not a number (a NaN coordinate, or a negative area: reversed along one
     axis) has no level: it gets -1, and :class:`MultiScaleRoIAlign` gives it a zero output, as
