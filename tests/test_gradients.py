@@ -72,3 +72,38 @@ def test_batch_index_column_gets_zero_gradient(backend):
     rois = torch.tensor(GRADCHECK_ROIS, dtype=torch.float64, requires_grad=True)
     torch.ops.roialign.roi_align(x, rois, 1.0, 2, 2, 2, True).sum().backward()
     assert (rois.grad[:, 0] == 0).all() and (rois.grad[:, 1:] != 0).any()
+
+
+def _forward_ad_calls():
+    import roialign
+
+    x = torch.randn(1, 2, 10, 10, dtype=torch.float64)
+    boxes = torch.tensor([[0, 1.0, 1.0, 7.0, 8.0], [0, 2.3, 0.5, 9.0, 6.0]], dtype=torch.float64)
+    rotated = torch.tensor([[0, 5.0, 5.0, 6.0, 4.0, 30.0]], dtype=torch.float64)
+    pooler = roialign.MultiScaleRoIAlign(["0", "1"], 3, 2)
+    return x, boxes, {
+        "roi_align": lambda x, b: roialign.roi_align(x, b, 3, 1.0, 2, True),
+        "roi_align max": lambda x, b: roialign.roi_align(x, b, 3, 1.0, 2, True, mode="max"),
+        "prroi_pool": lambda x, b: roialign.prroi_pool(x, b, 3, 1.0),
+        "roi_align_rotated": lambda x, b: roialign.roi_align_rotated(x, rotated.to(b.dtype) + 0 * b[:1, :1], 3, 1.0, 2),
+        "MultiScaleRoIAlign": lambda x, b: pooler({"0": x, "1": x[:, :, ::2, ::2]}, [b[:, 1:] * 4], [(40, 40)]),
+    }
+
+
+@pytest.mark.parametrize("name", ["roi_align", "roi_align max", "prroi_pool", "roi_align_rotated", "MultiScaleRoIAlign"])
+def test_forward_mode_ad_is_refused_not_silently_zero(backend, name):
+    # torch's custom operators (torchvision's included) drop a forward-mode tangent: jvp gave 0,
+    # forward_ad a missing tangent. The API refuses it instead; reverse mode is the supported way.
+    import torch.autograd.forward_ad as fwad
+
+    x, boxes, calls = _forward_ad_calls()
+    fn = calls[name]
+    tangent = torch.randn_like(boxes)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda b: fn(x, b), (boxes,), (tangent,))
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda x: fn(x, boxes), (x,), (torch.randn_like(x),))
+    with fwad.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            fn(x, fwad.make_dual(boxes, tangent))
+        assert torch.equal(fn(x, boxes), fn(x.clone(), boxes.clone()))  # no tangent, no refusal

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..integrations.onnx import records_nodes as _records_onnx_nodes
 from ..integrations.torchvision import torchvision_multiscale_base
 from ..ops import multiscale_roi_align as _op
+from ..ops.common import refuse_forward_ad
 from ._args import BoxesLike, boxes_to_rois, check_scalars, fx_leaf, output_size_pair, refuse_script
 from .roi_align import roi_align
 
@@ -146,6 +147,7 @@ def multiscale_roi_align(x: Mapping[str, Tensor], boxes: Sequence[Tensor], image
                            canonical_level=canonical_level, finest_scale=finest_scale)
     if _records_onnx_nodes():  # one RoiAlign node per level, merged by scatter
         return _pooled_level_by_level(features, rois, levels, scales, output_size, sampling_ratio, aligned)
+    refuse_forward_ad(rois, *features)
     return _op.multiscale_roi_align(features, rois, levels, scales, output_size[0], output_size[1], sampling_ratio,
                                     aligned)
 

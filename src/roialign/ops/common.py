@@ -11,6 +11,7 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import _backend
 from ..kernels.reference.common import is_channels_last  # noqa: F401 (the operators' rule for layouts)
@@ -148,9 +149,26 @@ def _first_bad_index(rois, batch_size):
     return -1
 
 
+def refuse_forward_ad(*tensors: Tensor) -> None:
+    """NotImplementedError if a tensor carries a forward-mode tangent (``torch.func.jvp``,
+    ``jacfwd``, ``torch.autograd.forward_ad``): the operators have no forward-mode formula, and
+    torch's custom operators (torchvision's too) drop such a tangent without a word, giving a
+    zero or missing derivative. Costs nothing outside a forward-mode level (torch's level counter,
+    a private name, looked up; without it nothing is refused)."""
+    if getattr(_forward_ad, "_current_level", -1) < 0 or torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                "roialign's operators have no forward-mode derivative (torch.func.jvp, jacfwd, "
+                "torch.autograd.forward_ad); use reverse mode (backward, torch.autograd.grad), which gives "
+                "the gradients of the features and of the boxes")
+
+
 def call_op(op, impl, input: Tensor, rois: Tensor, *args):
     """``op(input, rois, *args)``, or its implementation ``impl`` called directly where
     :func:`dispatcher_needed` allows: how the API calls every forward operator."""
+    refuse_forward_ad(input, rois)
     if dispatcher_needed(input, rois):
         return op(input, rois, *args)
     return impl(input, rois, *args)
