@@ -199,6 +199,21 @@ def test_nan_box_gives_nan_for_that_box_only_and_inputs_are_untouched():
     torch.testing.assert_close(rois, r0, equal_nan=True, atol=0, rtol=0)
 
 
+def test_box_whose_width_overflows_is_not_finite(backend):
+    # Finite corners whose difference overflows (1.7e308 - -1.7e308 = inf): bin 0 started at
+    # x1 + 0 * inf = NaN, which the Numba kernels turned into pixel index INT64_MIN (a segfault)
+    # and the reference one into an IndexError from inside. Such a box is not finite: NaN output,
+    # NaN box gradient, nothing added to the input gradient; the other box is unaffected.
+    x = torch.rand(1, 3, 9, 11, dtype=torch.float64)
+    rois = torch.tensor([[0, -1.7e308, -1.7e308, 1.7e308, 1.7e308], [0, 1.0, 2.0, 6.0, 7.5],
+                         [0, 1.0, -1.7e308, 6.0, 1.7e308]], dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out, gx, gr, _ = _run(x.contiguous(memory_format=layout), rois, 2, 1.0)
+        assert torch.isnan(out[[0, 2]]).all() and torch.isfinite(out[1]).all()
+        assert torch.isnan(gr[[0, 2], 1:]).all() and torch.isfinite(gr[1]).all()
+        torch.testing.assert_close(gx, _run(x, rois[1:2], 2, 1.0, _run(x, rois, 2, 1.0)[3][1:2])[1])
+
+
 def test_huge_box_is_cheap():
     import time
 

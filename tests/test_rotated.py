@@ -336,6 +336,24 @@ def test_huge_boxes_match_the_oracle(backend, dtype):
     np.testing.assert_allclose(gr.numpy() / scale, want_gr / scale, rtol=tol * 10, atol=tol * 10)
 
 
+@pytest.mark.parametrize("cpu_backend", ["numba", "reference"])  # the Triton interpreter takes minutes here
+@pytest.mark.parametrize("dtype, side", [(torch.float32, 1e36), (torch.float32, 3e38), (torch.float64, 1e300)])
+def test_boxes_huge_along_both_axes_give_finite_numbers(cpu_backend, dtype, side):
+    # Both sides so huge that a sample's box-local offset overflows to infinity; times the zero
+    # sine of a multiple of 90 degrees that made NaN positions, which the Numba kernels took for
+    # samples on the map: NaN outputs, and reads at pixel index INT64_MIN (a segfault on a large
+    # map). Every sample lies off the 30 x 40 map or is one of 2^48 (2^104) samples: about 0.
+    x = torch.ones(1, 2, 30, 40, dtype=dtype, requires_grad=True)
+    for angle in (0.0, 90.0, 37.0):
+        rois = torch.tensor([[0, 20.0, 15.0, side, side, angle]], dtype=dtype, requires_grad=True)
+        for sampling_ratio in (0, 1024):
+            with roialign.use_backend(cpu_backend):
+                out = roialign.roi_align_rotated(x, rois, 2, 1.0, sampling_ratio)
+                gx, gr = torch.autograd.grad(out.sum(), (x, rois))
+            assert torch.isfinite(out).all() and out.abs().max() < 1e-6, (angle, sampling_ratio, out)
+            assert torch.isfinite(gx).all() and torch.isfinite(gr[:, :2]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_huge_boxes_visit_a_bounded_number_of_samples(dtype):
     """However large or far a box, the samples of a bin tested along either axis stay bounded:

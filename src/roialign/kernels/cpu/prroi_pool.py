@@ -128,11 +128,13 @@ def _axis_taps(start, end, size, k, p, index, value, d_start, d_end, derivatives
 
 @numba.njit(inline="always", **JIT)
 def _box_bins(rois, k, spatial_scale, pooled_h, pooled_w):
-    """(x1, y1, bin width, bin height, finite) of box ``k`` in pixels; a box with a coordinate
-    that is not finite is placed at the origin, with bins of size 0."""
+    """(x1, y1, bin width, bin height, finite) of box ``k`` in pixels; a box with a coordinate,
+    a width or a height that is not finite (``1.7e308 - -1.7e308``) is placed at the origin, with
+    bins of size 0."""
     x1, y1 = rois[k, 1] * spatial_scale, rois[k, 2] * spatial_scale
     x2, y2 = rois[k, 3] * spatial_scale, rois[k, 4] * spatial_scale
-    finite = np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)
+    finite = (np.isfinite(x1) and np.isfinite(y1) and np.isfinite(x2) and np.isfinite(y2)
+              and np.isfinite(x2 - x1) and np.isfinite(y2 - y1))
     if not finite:
         x1, y1, x2, y2 = 0.0, 0.0, 0.0, 0.0
     return x1, y1, max(x2 - x1, 0.0) / pooled_w, max(y2 - y1, 0.0) / pooled_h, finite

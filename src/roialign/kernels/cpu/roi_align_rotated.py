@@ -54,10 +54,12 @@ def _axis(pos, size, T):
 @numba.njit(inline="always", **JIT)
 def _sample(yc, ys, xc, xs, ph, pw, j, i, cy, cx, height, width, T):
     """Sample ``(j, i)`` of bin ``(ph, pw)`` from the box's tables: whether it lands on the map,
-    then its rows, columns, fractions and whether each axis moves it (see :func:`_axis`)."""
+    then its rows, columns, fractions and whether each axis moves it (see :func:`_axis`). A
+    position that is not a number (a finite box so huge that a sample's offset overflowed, times a
+    zero sine) is off the map, as in the reference kernels; it once became pixel index INT64_MIN."""
     y = yc[ph, j] - xs[pw, i] + cy
     x = ys[ph, j] + xc[pw, i] + cx
-    if y < -1 or y > height or x < -1 or x > width:
+    if not (y >= -1 and y <= height and x >= -1 and x <= width):
         return False, 0, 0, 0, 0, T(0.0), T(0.0), False, False
     ya, yb, ly, moves_y = _axis(y, height, T)
     xa, xb, lx, moves_x = _axis(x, width, T)

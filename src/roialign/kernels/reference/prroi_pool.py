@@ -71,11 +71,13 @@ def box_edges(rois: Tensor, spatial_scale: float, pooled_height: int, pooled_wid
 
     Returns ``(finite, xs, xe, ys, ye)``: ``finite [K]`` (all four coordinates finite; the
     others are computed on zeros and masked by the caller) and the bins' start and end along x
-    ``[K, PW]`` and y ``[K, PH]``. A box of negative width or height has width or height 0.
+    ``[K, PW]`` and y ``[K, PH]``. A box of negative width or height has width or height 0; one
+    whose width or height overflows (``1.7e308 - -1.7e308``) counts as not finite.
     """
     r = rois.detach().double()
     coords = r[:, 1:5] * spatial_scale
-    finite = torch.isfinite(coords).all(1)
+    sides = coords[:, 2:] - coords[:, :2]
+    finite = torch.isfinite(coords).all(1) & torch.isfinite(sides).all(1)
     coords = torch.where(finite[:, None], coords, torch.zeros_like(coords))
     x1, y1, x2, y2 = coords.unbind(1)
 
