@@ -216,17 +216,25 @@ def box_gradient(rois: Tensor, spatial_scale: float, finite: Tensor, gx_start: T
 # The pure-PyTorch kernel: gathers of the 6 x 6 entries of a chunk of boxes at a time.
 
 
-def _chunks(k: int, per_box: int, budget: int = 1 << 23) -> list[tuple[int, int]]:
-    step = max(1, budget // max(1, per_box))
-    return [(lo, min(k, lo + step)) for lo in range(0, k, step)]
+_BUDGET = 1 << 23  # entries of the largest gathered block
 
 
-def _reads(s: Tensor, batch: Tensor, x: Axis, y: Axis, lo: int, hi: int) -> Tensor:
-    """``[k, PH, 6, PW, 6, C]`` values of S that the bins of boxes ``lo:hi`` read."""
-    b = batch[lo:hi, None, None, None, None]
-    ky = y.index[lo:hi, :, :, None, None]
-    kx = x.index[lo:hi, None, None, :, :]
-    return s[b, ky, kx]
+def _chunks(k: int, c: int, per_channel: int) -> list[tuple[slice, slice]]:
+    """Blocks of boxes, then of channels, whose ``per_channel`` entries per box and channel fit
+    ``_BUDGET``, in order: ``(boxes, channels)`` slices."""
+    budget, per_channel = _BUDGET, max(1, per_channel)
+    step = max(1, budget // (per_channel * max(c, 1)))
+    c_step = c if step > 1 or per_channel * c <= budget else max(1, budget // per_channel)
+    return [(slice(lo, min(k, lo + step)), slice(c0, min(c, c0 + c_step)))
+            for lo in range(0, k, step) for c0 in range(0, max(c, 1), max(c_step, 1))]
+
+
+def _reads(s: Tensor, batch: Tensor, x: Axis, y: Axis, boxes: slice, channels: slice) -> Tensor:
+    """``[k, PH, 6, PW, 6, C]`` values of S that the bins of ``boxes`` read, for ``channels``."""
+    b = batch[boxes, None, None, None, None]
+    ky = y.index[boxes, :, :, None, None]
+    kx = x.index[boxes, None, None, :, :]
+    return s[..., channels][b, ky, kx]
 
 
 def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, pooled_width: int) -> Tensor:
@@ -236,9 +244,9 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
     s = integral_image(input)
     batch = rois[:, 0].long()
     out = input.new_empty((k, c, pooled_height, pooled_width), dtype=torch.float64)
-    for lo, hi in _chunks(k, pooled_height * pooled_width * ENTRIES * ENTRIES * c):
-        reads = _reads(s, batch, x, y, lo, hi)
-        out[lo:hi] = torch.einsum("kqe,kpf,kqepfc->kcqp", y.value[lo:hi], x.value[lo:hi], reads)
+    for boxes, channels in _chunks(k, c, pooled_height * pooled_width * ENTRIES * ENTRIES):
+        reads = _reads(s, batch, x, y, boxes, channels)
+        out[boxes, channels] = torch.einsum("kqe,kpf,kqepfc->kcqp", y.value[boxes], x.value[boxes], reads)
     out = torch.where(finite[:, None, None, None], out, torch.full_like(out, math.nan))
     return out.to(input.dtype)
 
@@ -254,13 +262,14 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
                                                                                      device=grad.device))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     grad_input = torch.zeros_like(input, memory_format=memory_format)
+    blocks = _chunks(k, c, pooled_height * pooled_width * ENTRIES * ENTRIES)
     if want_input:
         grad_s = input.new_zeros((n * (h + 1) * (w + 1), c), dtype=torch.float64)
-        flat = (batch[:, None, None, None, None] * (h + 1) + y.index[:, :, :, None, None]) * (w + 1) \
-            + x.index[:, None, None, :, :]
-        for lo, hi in _chunks(k, pooled_height * pooled_width * ENTRIES * ENTRIES * c):
-            parts = torch.einsum("kqe,kpf,kcqp->kqepfc", y.value[lo:hi], x.value[lo:hi], g[lo:hi])
-            grad_s.index_add_(0, flat[lo:hi].reshape(-1), parts.reshape(-1, c))
+        for boxes, channels in blocks:
+            flat = (batch[boxes, None, None, None, None] * (h + 1) + y.index[boxes, :, :, None, None]) * (w + 1) \
+                + x.index[boxes, None, None, :, :]
+            parts = torch.einsum("kqe,kpf,kcqp->kqepfc", y.value[boxes], x.value[boxes], g[boxes, channels])
+            grad_s[:, channels].index_add_(0, flat.reshape(-1), parts.reshape(flat.numel(), parts.shape[-1]))
         grad_feat = suffix_image(grad_s.view(n, h + 1, w + 1, c))
         grad_input.copy_(grad_feat.permute(0, 3, 1, 2))
     grad_rois = rois.new_zeros(rois.shape)
@@ -268,11 +277,11 @@ def backward(grad: Tensor, input: Tensor, rois: Tensor, spatial_scale: float, po
         s = integral_image(input)
         gxs = torch.zeros((k, pooled_width), dtype=torch.float64, device=input.device)
         gxe, gys, gye = torch.zeros_like(gxs), gxs.new_zeros((k, pooled_height)), gxs.new_zeros((k, pooled_height))
-        for lo, hi in _chunks(k, pooled_height * pooled_width * ENTRIES * ENTRIES * c):
-            dots = torch.einsum("kqepfc,kcqp->kqepf", _reads(s, batch, x, y, lo, hi), g[lo:hi])
-            gxs[lo:hi] = torch.einsum("kqe,kpf,kqepf->kp", y.value[lo:hi], x.d_start[lo:hi], dots)
-            gxe[lo:hi] = torch.einsum("kqe,kpf,kqepf->kp", y.value[lo:hi], x.d_end[lo:hi], dots)
-            gys[lo:hi] = torch.einsum("kqe,kpf,kqepf->kq", y.d_start[lo:hi], x.value[lo:hi], dots)
-            gye[lo:hi] = torch.einsum("kqe,kpf,kqepf->kq", y.d_end[lo:hi], x.value[lo:hi], dots)
+        for boxes, channels in blocks:
+            dots = torch.einsum("kqepfc,kcqp->kqepf", _reads(s, batch, x, y, boxes, channels), g[boxes, channels])
+            gxs[boxes] += torch.einsum("kqe,kpf,kqepf->kp", y.value[boxes], x.d_start[boxes], dots)
+            gxe[boxes] += torch.einsum("kqe,kpf,kqepf->kp", y.value[boxes], x.d_end[boxes], dots)
+            gys[boxes] += torch.einsum("kqe,kpf,kqepf->kq", y.d_start[boxes], x.value[boxes], dots)
+            gye[boxes] += torch.einsum("kqe,kpf,kqepf->kq", y.d_end[boxes], x.value[boxes], dots)
         grad_rois = box_gradient(rois, spatial_scale, finite, gxs, gxe, gys, gye).to(rois.dtype)
     return grad_input, grad_rois

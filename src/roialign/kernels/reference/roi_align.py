@@ -7,8 +7,8 @@ sample of RoIAlign is separable: a sample at (y, x) reads rows ``y_low, y_high``
 axis is reduced on its own to a list of *taps* (a pixel index and a weight) per output bin,
 and a bin's value is the sum over row taps x column taps of ``wy * wx * feature``. Only the
 samples that can land inside ``[-1, H]`` are generated, so a huge box costs no more than the
-image it covers. Work is done in chunks of boxes and channels so that no temporary grows
-beyond ``_BUDGET`` elements.
+image it covers. Work is done in chunks of boxes and channels (and, for a box with more taps
+than that, windows of its taps) so that no temporary grows beyond ``_BUDGET`` elements.
 """
 
 from __future__ import annotations
@@ -58,13 +58,42 @@ class AxisTaps(NamedTuple):
     grid: Tensor  # [boxes] samples per bin along this axis (float64)
     finite: Tensor  # [boxes] box coordinates and size are finite
 
+    def window(self, start: int, stop: int) -> AxisTaps:
+        """Taps ``start:stop`` of every bin (a bin's value is a sum over its taps, so windows add)."""
+        if start == 0 and stop >= self.index.shape[-1]:
+            return self
+        return AxisTaps(*(f[..., start:stop] for f in self[:4]), self.grid, self.finite)
 
-def axis_taps(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio: int, aligned: bool) -> AxisTaps:
-    """Taps along one axis for boxes spanning ``[start, end]`` in feature-map pixels.
 
-    ``start`` and ``end`` are already scaled and shifted by the ``aligned`` offset.
+class AxisSamples(NamedTuple):
+    """Which samples of each bin along one axis can land on the map, before any tap is built.
+
+    ``[boxes]`` or ``[boxes, pooled]``; bin ``p``'s candidate samples are ``first[b, p] + i`` for
+    ``i`` in ``[0, count[b, p])``.
     """
-    dtype, device = start.dtype, start.device
+
+    base: Tensor  # [B, P] where each bin starts (compute dtype)
+    bin_size: Tensor  # [B] (compute dtype)
+    grid: Tensor  # [B] samples per bin along this axis (float64)
+    first: Tensor  # [B, P] (float64)
+    count: Tensor  # [B, P] (float64)
+    clamped: Tensor  # [B] an unaligned box shorter than one pixel, stretched to one
+    finite: Tensor  # [B] box coordinates and size are finite
+
+    def rows(self, a: int, b: int) -> AxisSamples:
+        """Boxes ``a:b`` of this block."""
+        return AxisSamples(*(field[a:b] for field in self))
+
+    def taps(self) -> int:
+        """Taps per bin of the block's tables (two per candidate sample)."""
+        return 2 * int(self.count.max().item()) if self.count.numel() else 0
+
+
+def axis_samples(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio: int,
+                 aligned: bool) -> AxisSamples:
+    """The candidate samples of boxes spanning ``[start, end]`` in feature-map pixels (already
+    scaled and shifted by the ``aligned`` offset): ``[B, P]`` numbers only, so that a block's
+    tables can be sized before they are made."""
     length = end - start
     if aligned:
         clamped = torch.zeros_like(length, dtype=torch.bool)
@@ -80,9 +109,9 @@ def axis_taps(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio
     grid = torch.where(finite, grid, torch.zeros_like(grid))
 
     # Samples of bin p sit at base + (i + 0.5) * step, i in [0, grid). Keep those that can fall
-    # in [-1, size] (one spare each side; the exact test below decides), so that a box far
+    # in [-1, size] (one spare each side; the exact test in axis_taps decides), so that a box far
     # larger than the image costs no more than the image.
-    p = torch.arange(pooled, device=device, dtype=dtype)
+    p = torch.arange(pooled, device=start.device, dtype=start.dtype)
     base = start[:, None] + p * bin_size[:, None]  # [B, P]
     step = bin_size.double()[:, None] / grid.clamp(min=1)[:, None]
     safe_step = torch.where(step == 0, torch.ones_like(step), step)
@@ -98,13 +127,21 @@ def axis_taps(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio
     last = torch.minimum(torch.maximum(hi + 2, torch.zeros_like(hi)), g)
     first = torch.nan_to_num(first, nan=0.0)
     count = torch.nan_to_num((last - first).clamp(min=0), nan=0.0)
-    n_samples = int(count.max().item()) if count.numel() else 0
+    return AxisSamples(base, bin_size, grid, first, count, clamped, finite)
 
-    i = first[..., None] + torch.arange(n_samples, device=device, dtype=torch.float64)  # [B, P, S]
-    real = torch.arange(n_samples, device=device) < count[..., None]
-    gridc = grid.to(dtype).clamp(min=1)[:, None, None]
+
+def axis_taps(s: AxisSamples, size: int) -> AxisTaps:
+    """The taps of the candidate samples ``s`` along an axis of ``size`` pixels: ``[B, P, 2S]``,
+    S the most candidates of any bin of the block."""
+    dtype, device = s.base.dtype, s.base.device
+    pooled = s.base.shape[1]
+    n_samples = s.taps() // 2
+    p = torch.arange(pooled, device=device, dtype=dtype)
+    i = s.first[..., None] + torch.arange(n_samples, device=device, dtype=torch.float64)  # [B, P, S]
+    real = torch.arange(n_samples, device=device) < s.count[..., None]
+    gridc = s.grid.to(dtype).clamp(min=1)[:, None, None]
     # Same operation order as the published kernels: base + ((i + 0.5) * bin) / grid.
-    pos = base[..., None] + (i.to(dtype) + 0.5) * bin_size[:, None, None] / gridc
+    pos = s.base[..., None] + (i.to(dtype) + 0.5) * s.bin_size[:, None, None] / gridc
     inside = real & (pos >= -1) & (pos <= size)
     pos = torch.where(inside, pos.clamp(min=0), torch.zeros_like(pos))
     low = pos.floor().long()
@@ -115,9 +152,10 @@ def axis_taps(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio
     keep = inside.to(dtype)
 
     # d pos / d start and d pos / d end, holding the sample count fixed.
+    clamped = s.clamped[:, None, None]
     t = (p[:, None] + (i.to(dtype) + 0.5) / gridc) / pooled
-    t = torch.where(clamped[:, None, None], torch.zeros_like(t), t)
-    dpos_start = torch.where(clamped[:, None, None], torch.ones_like(t), 1 - t)
+    t = torch.where(clamped, torch.zeros_like(t), t)
+    dpos_start = torch.where(clamped, torch.ones_like(t), 1 - t)
     dfrac = (inside & ~edge & (pos > 0)).to(dtype)
 
     def taps(lo_part: Tensor, hi_part: Tensor) -> Tensor:
@@ -128,8 +166,8 @@ def axis_taps(start: Tensor, end: Tensor, size: int, pooled: int, sampling_ratio
         weight=taps((1 - frac) * keep, frac * keep),
         d_start=taps(-dfrac * dpos_start, dfrac * dpos_start),
         d_end=taps(-dfrac * t, dfrac * t),
-        grid=grid,
-        finite=finite,
+        grid=s.grid,
+        finite=s.finite,
     )
 
 
@@ -156,30 +194,44 @@ class Chunk(NamedTuple):
 
 def chunks(rois: Tensor, shape: tuple[int, int, int, int], pooled: tuple[int, int], sampling_ratio: int,
            spatial_scale: float, aligned: bool, dtype: torch.dtype) -> Iterator[Chunk]:
-    """Split the boxes (and, for big ones, the channels) into blocks of bounded size, in order."""
+    """Split the work into blocks whose gathered values fit ``_BUDGET`` elements, in order: blocks
+    of boxes, then of channels; a box whose taps alone exceed it (a large ``sampling_ratio``) is
+    taken in windows of its row and column taps, whose sums add. A block's tap tables are sized
+    from its sample counts before they are built, so they stay within the budget too. (Only the
+    bins of one box, ``PH * PW`` per channel, are never split: the output holds as many.)"""
     n, c, h, w = shape
+    bins = pooled[0] * pooled[1]
     rois = rois.to(dtype)
     offset = 0.5 if aligned else 0.0
     coords = rois[:, 1:5] * spatial_scale - offset
     batch = rois[:, 0].nan_to_num(0).clamp(0, max(n - 1, 0)).long()
 
-    def build(a: int, b: int) -> Iterator[Chunk]:
-        ys = axis_taps(coords[a:b, 1], coords[a:b, 3], h, pooled[0], sampling_ratio, aligned)
-        xs = axis_taps(coords[a:b, 0], coords[a:b, 2], w, pooled[1], sampling_ratio, aligned)
-        per_box = pooled[0] * pooled[1] * max(ys.index.shape[-1], 1) * max(xs.index.shape[-1], 1)
-        if b - a > 1 and (b - a) * per_box * c > _BUDGET:
-            mid = (a + b) // 2
-            yield from build(a, mid)
-            yield from build(mid, b)
+    def build(a: int, b: int, sy: AxisSamples, sx: AxisSamples) -> Iterator[Chunk]:
+        ty, tx = max(sy.taps(), 1), max(sx.taps(), 1)
+        if b - a > 1 and (b - a) * bins * ty * tx * c > _BUDGET:
+            mid = (b - a) // 2
+            yield from build(a, a + mid, sy.rows(0, mid), sx.rows(0, mid))
+            yield from build(a + mid, b, sy.rows(mid, b - a), sx.rows(mid, b - a))
             return
-        scale = 1.0 / (ys.grid * xs.grid).clamp(min=1)
-        step = max(1, _BUDGET // (per_box * (b - a)))
-        for c0 in range(0, c, step):
-            yield Chunk(slice(a, b), slice(c0, min(c, c0 + step)), batch[a:b], ys, xs, scale.to(dtype),
-                        ys.finite & xs.finite)
+        ys, xs = axis_taps(sy, h), axis_taps(sx, w)
+        scale = (1.0 / (ys.grid * xs.grid).clamp(min=1)).to(dtype)
+        finite = ys.finite & xs.finite
+        wy, wx = ty, tx
+        while bins * wy * wx > _BUDGET and wy * wx > 1:
+            wy, wx = (wy, (wx + 1) // 2) if wx >= wy else ((wy + 1) // 2, wx)
+        for y0 in range(0, ty, wy):
+            for x0 in range(0, tx, wx):
+                yw, xw = ys.window(y0, y0 + wy), xs.window(x0, x0 + wx)
+                taps = max(yw.index.shape[-1], 1) * max(xw.index.shape[-1], 1)
+                step = max(1, _BUDGET // (bins * taps * (b - a)))
+                for c0 in range(0, c, step):
+                    yield Chunk(slice(a, b), slice(c0, min(c, c0 + step)), batch[a:b], yw, xw, scale, finite)
 
     for a in range(0, rois.shape[0], _BOX_BLOCK):
-        yield from build(a, min(rois.shape[0], a + _BOX_BLOCK))
+        b = min(rois.shape[0], a + _BOX_BLOCK)
+        sy = axis_samples(coords[a:b, 1], coords[a:b, 3], h, pooled[0], sampling_ratio, aligned)
+        sx = axis_samples(coords[a:b, 0], coords[a:b, 2], w, pooled[1], sampling_ratio, aligned)
+        yield from build(a, b, sy, sx)
 
 
 def _gather(planes: Tensor, chunk: Chunk, width: int) -> tuple[Tensor, Tensor]:
@@ -203,7 +255,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         weight = chunk.weight(chunk.ys.weight, chunk.xs.weight)
         block = torch.einsum("bcpt,bpt->bcp", values.to(dtype), weight)
         block = torch.where(chunk.finite[:, None, None], block, torch.full_like(block, math.nan))
-        out[chunk.boxes, chunk.channels] = block.view(block.shape[0], block.shape[1], pooled_height, pooled_width)
+        out[chunk.boxes, chunk.channels] += block.view(block.shape[0], block.shape[1], pooled_height, pooled_width)
     return out.to(input.dtype)
 
 
