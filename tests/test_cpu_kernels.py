@@ -280,8 +280,8 @@ def test_hot_forward_loops_take_no_reference_counts(kernel, dtype, monkeypatch):
 
     from roialign.kernels.cpu import prroi_pool as cpu_prroi
 
-    module, name = {"roi_align": (cpu_roi_align, "_forward_nhwc"), "roi_align rows": (cpu_roi_align, "_forward_rows"),
-                    "roi_align words": (cpu_roi_align, "_forward_rows_words"), "prroi_pool": (cpu_prroi, "_forward")}[kernel]
+    module, name = {"roi_align": (cpu_roi_align, "_forward_nhwc"), "roi_align rows": (cpu_roi_align, "_forward_bins"),
+                    "roi_align words": (cpu_roi_align, "_forward_bins_words"), "prroi_pool": (cpu_prroi, "_forward")}[kernel]
     fresh = numba.njit(nogil=True)(getattr(module, name).py_func)
     monkeypatch.setattr(module, name, fresh)
     monkeypatch.setattr(cpu_roi_align, "GROUPED_RUN_BYTES", 0)
@@ -307,11 +307,11 @@ def test_warmup_compiles_everything(monkeypatch):
     from roialign.ops import common as ops_common
 
     # fresh dispatchers, so that only warmup() can have compiled (or loaded) these two
-    for module, name in ((cpu_roi_align, "_forward_rows_words"), (ops_common, "_first_bad_index")):
+    for module, name in ((cpu_roi_align, "_forward_bins_words"), (ops_common, "_first_bad_index")):
         monkeypatch.setattr(module, name, numba.njit(nogil=True, cache=True)(getattr(module, name).py_func))
     roialign.warmup()
     # bfloat16 read as words of two channels, and the batch-index check in float32 and float64
-    assert cpu_roi_align._forward_rows_words.signatures
+    assert cpu_roi_align._forward_bins_words.signatures
     assert len(ops_common._first_bad_index.signatures) >= 2
     from roialign.kernels.cpu import roi_align_max
 
@@ -649,3 +649,30 @@ def test_band_rows_fill_the_budget_but_leave_two_bands_per_thread():
         assert band_rows(4 << 20, 32 << 10, 128, 1) == 64
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("side", [1, 3, 16, 1 << 20])
+def test_tile_order_sorts_bins_by_tile_then_row(side):
+    """The channels_last forward's order: every bin of every box to pool, once, by image, band of
+    ``side`` rows, block of ``side`` columns and row where it starts reading, ties in index order."""
+    from roialign.kernels.cpu.roi_align import _tile_order, tile_side
+
+    rng = np.random.default_rng(side)
+    n_box, ph, pw, height, width = 40, 3, 4, 30, 50
+    yi = rng.integers(0, height, (n_box, ph, 2)).astype(np.int64)
+    xi = rng.integers(0, width, (n_box, pw, 2)).astype(np.int64)
+    yn, xn = rng.integers(0, 3, (n_box, ph)).astype(np.int64), rng.integers(0, 3, (n_box, pw)).astype(np.int64)
+    batch = rng.integers(0, 2, n_box).astype(np.int64)
+    key = np.where(rng.random((n_box, ph)) < 0.1, -1, 0).astype(np.int64)
+    got = _tile_order(key, yi, yn, xi, xn, batch, height, width, side)
+
+    def tile_key(item):
+        k, rest = divmod(item, ph * pw)
+        q, p = divmod(rest, pw)
+        row = yi[k, q, 0] if yn[k, q] else 0
+        col = xi[k, p, 0] if xn[k, p] else 0
+        return (batch[k], row // side, col // side, row % side, item)
+
+    wanted = sorted((i for i in range(n_box * ph * pw) if key[i // (ph * pw), i // pw % ph] >= 0), key=tile_key)
+    assert got.tolist() == wanted
+    assert 8 <= tile_side(1) == 64 and tile_side(1 << 30) == 8 and tile_side(2048) <= tile_side(1024)

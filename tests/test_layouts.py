@@ -143,12 +143,14 @@ def test_gradient_of_any_layout_gives_the_same_bits(op, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", range(0, 60, 3))
-def test_row_ordered_forward_equals_box_by_box(seed, dtype):
-    """The channels_last forward pools bin rows in the order of the pixel rows they read; with
-    its tap tables over budget it goes box by box. The same bits, NaN boxes and missing images
-    included."""
+def test_tile_ordered_forward_equals_box_by_box(seed, dtype, monkeypatch):
+    """The channels_last forward pools bins tile by tile, in tiles whose side follows the L2
+    cache; with its tap tables over budget it goes box by box. The same bits for any tile side,
+    NaN boxes and missing images included."""
     from roialign.kernels.cpu import roi_align as cpu
 
+    side = [1, 2, 3, 8, 64, 1 << 20][seed % 6]  # from one pixel to one tile for the whole map
+    monkeypatch.setattr(cpu, "tile_side", lambda pixel_bytes: side)
     case = random_case(seed)
     x = case.x.to(dtype).contiguous(memory_format=torch.channels_last)
     rois = case.rois.clone()

@@ -172,7 +172,7 @@ def _bfloat16_bits(value):
 # uint32 words of two channels: channel 2j in the low half of word j, 2j + 1 in the high half.
 # Each half widens with one operation on the whole word (a shift, or a mask), where a bfloat16
 # element needs two (a zero-extending load into 32 bits, then the shift); the sums over taps
-# spend half their vector operations widening (see roi_align's ``_forward_rows_words``).
+# spend half their vector operations widening (see roi_align's ``_forward_bins_words``).
 
 
 def bfloat16_words(a: np.ndarray) -> np.ndarray | None:

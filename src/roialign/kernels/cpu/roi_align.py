@@ -4,10 +4,10 @@ Layout: the kernels read features channels-last (``[N, H, W, C]``), so that ever
 is one contiguous run of channels that the compiler vectorises. An NCHW input is transposed
 once per call (by the thread pool of ``common``); for a handful of boxes on a large map a
 planar kernel that reads NCHW directly is used instead, since the transpose would cost more
-than the work. A channels_last input gets a channels_last output, pooled bin row by bin row in
-the order of the pixel rows they read (``_forward_rows``); an NCHW one is pooled box by box.
+than the work. A channels_last input gets a channels_last output, pooled bin by bin in tiles of
+the map (``_forward_bins``); an NCHW one is pooled box by box.
 
-Threads (``threads.workers``): each job owns its part of the output (boxes, or bin rows, for
+Threads (``threads.workers``): each job owns its part of the output (boxes, or bins, for
 the forward, boxes for the box gradient, an image and a band of rows for the input gradient),
 and each part is computed in a fixed order: results are bitwise identical from run to run and
 for any number of threads, without atomics or locks.
@@ -22,6 +22,7 @@ as bit patterns (``half_types``): no float32 copy of the map is made for them.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numba
 import numpy as np
@@ -35,7 +36,7 @@ from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, band_order, bin_ru
                      counting_order, store_band, visible_samples, weigh_taps, wide_vectors)
 from .half_types import HALF_TYPES, bfloat16_word, bfloat16_words, kernel_array, narrow, weigh_words, widen
 from .layout import channels_last_map
-from .threads import TAP_BAND_BYTES, band_rows, ranges, workers
+from .threads import BAND_BYTES as L2_SHARE_BYTES, TAP_BAND_BYTES, band_rows, ranges, workers
 
 # Bytes per band of the input gradient (``threads.TAP_BAND_BYTES``; tests set it to vary the bands).
 BAND_BYTES = TAP_BAND_BYTES
@@ -226,7 +227,7 @@ def _forward_nhwc(feat, rois, order, lo, hi, spatial_scale, aligned, sampling_ra
 @numba.njit(**JIT)
 def _row_order_taps(rois, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, n_img, T,
                     yi, yw, yn, xi, xw, xn, count, batch, key, out):
-    """Taps of boxes ``[lo, hi)`` into the [K, ...] tables of :func:`_forward_rows`, with each box's
+    """Taps of boxes ``[lo, hi)`` into the [K, ...] tables of :func:`_forward_bins`, with each box's
     sample count and image, and ``key[k, ph]``: where bin row ``ph`` starts reading (image, then
     pixel row), or -1 for a box whose output is filled here (NaN when not finite, else 0: an image
     that does not exist)."""
@@ -246,100 +247,116 @@ def _row_order_taps(rois, lo, hi, spatial_scale, aligned, sampling_ratio, pooled
             key[k, ph] = b * height + (yi[k, ph, 0] if yn[k, ph] > 0 else 0)
 
 
+@numba.njit(**JIT)
+def _tile_order(key, yi, yn, xi, xn, batch, height, width, side):
+    """The bins to pool (``(k * PH + ph) * PW + pw``, for the boxes with ``key[k, ph] >= 0``), in
+    tiles of ``side`` x ``side`` pixels: by image, band of ``side`` rows, block of ``side``
+    columns (where each bin starts reading), then pixel row, ties in index order. Only the order
+    of the bins changes with ``side``, never a bin's sum."""
+    n_box, pooled_h = key.shape
+    pooled_w = xi.shape[1]
+    bands, blocks = (height + side - 1) // side, (width + side - 1) // side
+    tile = np.empty((n_box, pooled_h, pooled_w), np.int64)
+    for k in range(n_box):
+        for ph in range(pooled_h):
+            row = yi[k, ph, 0] if yn[k, ph] > 0 else 0
+            band = (batch[k] * bands + row // side) * blocks
+            for pw in range(pooled_w):
+                if key[k, ph] < 0:
+                    tile[k, ph, pw] = -1
+                else:
+                    col = xi[k, pw, 0] if xn[k, pw] > 0 else 0
+                    tile[k, ph, pw] = (band + col // side) * side + row % side
+    return counting_order(tile.reshape(-1))
+
+
 @numba.njit(inline="always", **JIT)
-def _bin_row_taps(yi, yw, yn, xi, xw, xn, k, ph, width, at, weight, count):
-    """The taps of nonzero weight of each bin ``pw`` of bin row ``ph`` of box ``k`` (from the
-    [K, ...] tables of :func:`_row_order_taps`): ``count[pw]`` of them, pixel ``at[pw * S + t]``
-    of the image (row * width + column) with weight ``weight[pw * S + t]`` (``S`` = the tables'
-    taps per bin), in the order rows, then columns, as every forward adds them."""
-    stride = yi.shape[2] * xi.shape[2]
-    for pw in range(xi.shape[1]):
-        n = pw * stride
-        for ty in range(yn[k, ph]):
-            wy = yw[k, ph, ty]
-            if wy == 0:
+def _bin_taps(yi, yw, yn, xi, xw, xn, k, ph, pw, width, at, weight):
+    """The taps of nonzero weight of bin ``(ph, pw)`` of box ``k`` (from the [K, ...] tables of
+    :func:`_row_order_taps`): returns their number ``n``, pixel ``at[t]`` of the image (row *
+    width + column) with weight ``weight[t]`` for ``t < n``, in the order rows, then columns, as
+    every forward adds them."""
+    n = 0
+    for ty in range(yn[k, ph]):
+        wy = yw[k, ph, ty]
+        if wy == 0:
+            continue
+        row = yi[k, ph, ty] * width
+        for tx in range(xn[k, pw]):
+            w = wy * xw[k, pw, tx]
+            if w == 0:
                 continue
-            row = yi[k, ph, ty] * width
-            for tx in range(xn[k, pw]):
-                w = wy * xw[k, pw, tx]
-                if w == 0:
-                    continue
-                at[n] = row + xi[k, pw, tx]
-                weight[n] = w
-                n += 1
-        count[pw] = n - pw * stride
+            at[n] = row + xi[k, pw, tx]
+            weight[n] = w
+            n += 1
+    return n
 
 
 @numba.njit(**JIT)
-def _forward_rows(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out, grouped):
-    """Bin rows ``items[lo:hi]`` (``k * PH + ph``) of the forward into the channels-last ``out``
-    ([K, PH * PW, C]), in that order: sorted by where they read, so that the boxes crossing a band
-    of pixel rows are pooled while the band is in cache. Each bin is summed exactly as
-    :func:`_forward_nhwc` sums it."""
+def _forward_bins(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out, grouped):
+    """Bins ``items[lo:hi]`` (``(k * PH + ph) * PW + pw``) of the forward into the channels-last
+    ``out`` ([K, PH * PW, C]), in that order: tile by tile (:func:`_tile_order`), so that the
+    bins reading a patch of the map are pooled while it is in cache. Each bin is summed exactly
+    as :func:`_forward_nhwc` sums it."""
     wide_vectors()
     n_img, height, width, channels = feat.shape
     pixels = feat.reshape(n_img * height * width, channels)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
-    stride = yi.shape[2] * xi.shape[2]
-    acc = np.empty((pooled_w, channels), dtype=T)
-    at = np.empty(pooled_w * stride, dtype=np.int64)  # each bin's taps of nonzero weight
-    weight = np.empty(pooled_w * stride, dtype=T)
-    taps = np.empty(pooled_w, dtype=np.int64)
+    acc = np.empty((1, channels), dtype=T)
+    at = np.empty(yi.shape[2] * xi.shape[2], dtype=np.int64)  # the bin's taps of nonzero weight
+    weight = np.empty(yi.shape[2] * xi.shape[2], dtype=T)
     for j in range(lo, hi):
-        k = items[j] // pooled_h
-        ph = items[j] - k * pooled_h
+        row_of_bins = items[j] // pooled_w
+        pw = items[j] - row_of_bins * pooled_w
+        k = row_of_bins // pooled_h
+        ph = row_of_bins - k * pooled_h
         base = batch[k] * height * width
         if grouped:
-            _bin_row_taps(yi, yw, yn, xi, xw, xn, k, ph, width, at, weight, taps)
-            for pw in range(pooled_w):
-                weigh_taps(acc, pw, pixels, base, at, weight, pw * stride, taps[pw], T(0.0))
+            n = _bin_taps(yi, yw, yn, xi, xw, xn, k, ph, pw, width, at, weight)
+            weigh_taps(acc, 0, pixels, base, at, weight, 0, n, T(0.0))
         else:
-            for pw in range(pooled_w):
-                for c in range(channels):
-                    acc[pw, c] = 0
-                for ty in range(yn[k, ph]):
-                    wy = yw[k, ph, ty]
-                    if wy == 0:
-                        continue
-                    row = base + yi[k, ph, ty] * width
-                    for tx in range(xn[k, pw]):
-                        w = wy * xw[k, pw, tx]
-                        if w == 0:
-                            continue
-                        p = row + xi[k, pw, tx]
-                        for c in range(channels):
-                            acc[pw, c] += w * widen(pixels[p, c])
-        samples = count[k]
-        for pw in range(pooled_w):
             for c in range(channels):
-                out[k, ph * pooled_w + pw, c] = narrow(acc[pw, c] / samples, out)
+                acc[0, c] = 0
+            for ty in range(yn[k, ph]):
+                wy = yw[k, ph, ty]
+                if wy == 0:
+                    continue
+                row = base + yi[k, ph, ty] * width
+                for tx in range(xn[k, pw]):
+                    w = wy * xw[k, pw, tx]
+                    if w == 0:
+                        continue
+                    p = row + xi[k, pw, tx]
+                    for c in range(channels):
+                        acc[0, c] += w * widen(pixels[p, c])
+        samples = count[k]
+        for c in range(channels):
+            out[k, ph * pooled_w + pw, c] = narrow(acc[0, c] / samples, out)
 
 
 @numba.njit(**JIT)
-def _forward_rows_words(words, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out):
-    """:func:`_forward_rows` (grouped) for a bfloat16 map read as words of two channels
+def _forward_bins_words(words, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out):
+    """:func:`_forward_bins` (grouped) for a bfloat16 map read as words of two channels
     (``half_types.bfloat16_words``: [N, H, W, C / 2] uint32) into ``out`` as words ([K, PH * PW,
     C / 2]): the same taps, sums and rounding, so the same bits."""
     wide_vectors()
     n_img, height, width, half = words.shape
     pixels = words.reshape(n_img * height * width, half)
     pooled_h, pooled_w = yi.shape[1], xi.shape[1]
-    stride = yi.shape[2] * xi.shape[2]
-    even = np.empty((pooled_w, half), dtype=T)  # channels 0, 2, 4, ... of each bin
-    odd = np.empty((pooled_w, half), dtype=T)  # channels 1, 3, 5, ...
-    at = np.empty(pooled_w * stride, dtype=np.int64)
-    weight = np.empty(pooled_w * stride, dtype=T)
-    taps = np.empty(pooled_w, dtype=np.int64)
+    even = np.empty((1, half), dtype=T)  # channels 0, 2, 4, ... of the bin
+    odd = np.empty((1, half), dtype=T)  # channels 1, 3, 5, ...
+    at = np.empty(yi.shape[2] * xi.shape[2], dtype=np.int64)
+    weight = np.empty(yi.shape[2] * xi.shape[2], dtype=T)
     for j in range(lo, hi):
-        k = items[j] // pooled_h
-        ph = items[j] - k * pooled_h
-        _bin_row_taps(yi, yw, yn, xi, xw, xn, k, ph, width, at, weight, taps)
-        for pw in range(pooled_w):
-            weigh_words(even, odd, pw, pixels, batch[k] * height * width, at, weight, pw * stride, taps[pw], T(0.0))
+        row_of_bins = items[j] // pooled_w
+        pw = items[j] - row_of_bins * pooled_w
+        k = row_of_bins // pooled_h
+        ph = row_of_bins - k * pooled_h
+        n = _bin_taps(yi, yw, yn, xi, xw, xn, k, ph, pw, width, at, weight)
+        weigh_words(even, odd, 0, pixels, batch[k] * height * width, at, weight, 0, n, T(0.0))
         samples = count[k]
-        for pw in range(pooled_w):
-            for c in range(half):
-                out[k, ph * pooled_w + pw, c] = bfloat16_word(even[pw, c] / samples, odd[pw, c] / samples)
+        for c in range(half):
+            out[k, ph * pooled_w + pw, c] = bfloat16_word(even[0, c] / samples, odd[0, c] / samples)
 
 
 @numba.njit(**JIT)
@@ -487,13 +504,30 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
 GROUPED_RUN_BYTES = 512
 
 
-# The forward pools bin rows in the order of the pixel rows they read (``_forward_rows``), from
-# tap tables of every box built first, when those tables take at most this many bytes (a few
-# hundred KB for a detector's boxes; a huge box with dense adaptive sampling can need far more);
-# else box by box (``_forward_nhwc``). The same bits either way (tested). Measured (one thread,
-# Intel Xeon, float32, median of 15 alternations, kernels only): 0.68 of the box-by-box time on
-# mask-14, 0.63 on boxhead-P2, where boxes overlap and a box's pixels no longer fit in L2.
+# The forward pools bins tile by tile (``_forward_bins``, in :func:`_tile_order`), from tap tables
+# of every box built first, when those tables take at most this many bytes (a few hundred KB for
+# a detector's boxes; a huge box with dense adaptive sampling can need far more); else box by box
+# (``_forward_nhwc``). The same bits either way (tested). Measured (one thread, Intel Xeon,
+# float32, median of 15 alternations, kernels only), bin rows in the order of the pixel rows they
+# read took 0.68 of the box-by-box time on mask-14, 0.63 on boxhead-P2, where boxes overlap and a
+# box's pixels no longer fit in L2; tiles of bins then took 0.85 of the bin rows' time in
+# float32 and 0.73 in float64 (boxhead-P2, two threads).
 ROW_ORDER_TABLE_BYTES = 64 << 20
+
+
+def tile_side(pixel_bytes: int) -> int:
+    """Side, in pixels, of the tiles in which the channels-last forward pools its bins: the
+    square whose pixels (plus the two-pixel margin a bin reads beyond where it starts) fill one
+    thread's share of the L2 cache (``threads.BAND_BYTES``, read from the OS), within [8, 64].
+    Only the order of the bins depends on it, never a result.
+
+    Measured (Intel Xeon, 2 MB of L2 per core, boxhead-P2 channels_last, the kernel alone, two
+    threads, medians of 11 alternations): bins in tiles of 8 to 64 pixels took 10.2-11.3 ms in
+    float32 and 20.7-22.5 ms in float64, against 12.0-12.7 and 28.3-30.0 ms for bin rows in the
+    order of their pixel rows; whole rows of bins (no tiles) 11.5 and 25.2 ms. This rule gives 43
+    pixels for float32 and 30 for float64 there."""
+    side = math.isqrt(max(1, L2_SHARE_BYTES // max(1, pixel_bytes))) - 2
+    return max(8, min(64, side))
 
 
 def _image_size(input: Tensor) -> tuple[int, int, int]:
@@ -558,7 +592,7 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         workers.run(_row_order_taps, [(geometry, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_height,
                                        pooled_width, h, w, n, T, yi, yw, yn, xi, xw, xn, count, batch, key, out_np)
                                       for lo, hi in ranges(k, workers.size())])
-        items = counting_order(key.reshape(-1))
+        items = _tile_order(key, yi, yn, xi, xn, batch, h, w, tile_side(c * x.element_size()))
         parts = ranges(items.size, 4 * workers.size())
         # bfloat16 grouped: read and written as words of two channels where they fit (the same
         # bits). Measured against element by element (whole forward, AMD EPYC, alternating, 24
@@ -566,10 +600,10 @@ def forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: in
         # two threads 1.00, 0.97 and 0.94-0.97.
         words, out_words = (bfloat16_words(feat), bfloat16_words(out_np)) if grouped else (None, None)
         if words is not None and out_words is not None:
-            workers.run(_forward_rows_words, [(words, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T,
+            workers.run(_forward_bins_words, [(words, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T,
                                                out_words) for lo, hi in parts])
             return out
-        workers.run(_forward_rows, [(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out_np, grouped)
+        workers.run(_forward_bins, [(feat, items, lo, hi, yi, yw, yn, xi, xw, xn, count, batch, T, out_np, grouped)
                                     for lo, hi in parts])
     return out
 
