@@ -523,9 +523,9 @@ def tile_side(pixel_bytes: int) -> int:
 
     Measured (Intel Xeon, 2 MB of L2 per core, boxhead-P2 channels_last, the kernel alone, two
     threads, medians of 11 alternations): bins in tiles of 8 to 64 pixels took 10.2-11.3 ms in
-    float32 and 20.7-22.5 ms in float64, against 12.0-12.7 and 28.3-30.0 ms for bin rows in the
-    order of their pixel rows; whole rows of bins (no tiles) 11.5 and 25.2 ms. This rule gives 43
-    pixels for float32 and 30 for float64 there."""
+    float32 and 20.7-22.2 ms in float64, against 12.0-12.7 and 28.3-30.0 ms for bin rows in the
+    order of their pixel rows; bins one by one in row order, without tiles, 11.5 and 25.2 ms.
+    This rule gives 43 pixels for float32 and 30 for float64 there."""
     side = math.isqrt(max(1, L2_SHARE_BYTES // max(1, pixel_bytes))) - 2
     return max(8, min(64, side))
 
