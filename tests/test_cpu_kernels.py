@@ -676,3 +676,25 @@ def test_tile_order_sorts_bins_by_tile_then_row(side):
     wanted = sorted((i for i in range(n_box * ph * pw) if key[i // (ph * pw), i // pw % ph] >= 0), key=tile_key)
     assert got.tolist() == wanted
     assert 8 <= tile_side(1) == 64 and tile_side(1 << 30) == 8 and tile_side(2048) <= tile_side(1024)
+
+
+def test_aligned_empty_starts_on_a_cache_line():
+    """The input gradient's bands start on 64-byte boundaries (Numba's arrays on 32-byte ones)."""
+    import numba
+
+    from roialign.kernels.cpu.common import aligned_empty
+
+    @numba.njit
+    def addresses(n, dtype):
+        out = np.empty(12, np.int64)
+        keep = []
+        for i in range(12):
+            a = aligned_empty(n + i, dtype)
+            a[:] = 0
+            keep.append(a)
+            out[i] = a.ctypes.data % 64 + 1000 * (a.shape[0] != n + i)
+        return out
+
+    for dtype in (np.float32, np.float64):
+        for n in (1, 7, 64, 1000, 100_000):
+            assert (addresses(n, dtype) == 0).all(), (dtype, n)

@@ -32,8 +32,8 @@ from torch import Tensor
 from ..reference.common import compute_dtype, is_channels_last
 from ..reference.roi_align import row_span
 from .buffers import result_tensor
-from .common import (JIT, ROW_PAD, axis_aligned_box, band_of, band_order, bin_run, box_geometry, channel_runs,
-                     counting_order, store_band, visible_samples, weigh_taps, wide_vectors)
+from .common import (JIT, ROW_PAD, aligned_empty, axis_aligned_box, band_of, band_order, bin_run, box_geometry,
+                     channel_runs, counting_order, store_band, visible_samples, weigh_taps, wide_vectors)
 from .half_types import HALF_TYPES, bfloat16_word, bfloat16_words, kernel_array, narrow, weigh_words, widen
 from .layout import channels_last_map
 from .threads import BAND_BYTES as L2_SHARE_BYTES, TAP_BAND_BYTES, band_rows, ranges, workers
@@ -405,7 +405,7 @@ def _backward_input_rows(grad_t, rois, order, lo, hi, rows_of_box, b, r0, r1, sp
     height = grad_feat.shape[2] if planar else grad_feat.shape[1]
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
-    widened = np.empty(channels, T)
+    widened = aligned_empty(channels, T)
     for j in range(lo, hi):
         k = order[j]
         if rows_of_box[k, 1] < r0 or rows_of_box[k, 0] >= r1:
@@ -446,7 +446,7 @@ def _backward_rois_nhwc(grad, feat, rois, order, lo, hi, spatial_scale, aligned,
     n_img, height, width, channels = feat.shape
     yi, yw, yd0, yd1, yn, xi, xw, xd0, xd1, xn = _tap_buffers(
         rois, order, lo, hi, spatial_scale, aligned, sampling_ratio, pooled_h, pooled_w, height, width, T)
-    g = np.empty(channels, dtype=T)
+    g = aligned_empty(channels, T)
     for j in range(lo, hi):
         k = order[j]
         b = int(rois[k, 0])
