@@ -230,7 +230,7 @@ def _row_order_taps(rois, lo, hi, spatial_scale, aligned, sampling_ratio, pooled
     """Taps of boxes ``[lo, hi)`` into the [K, ...] tables of :func:`_forward_bins`, with each box's
     sample count and image, and ``key[k, ph]``: where bin row ``ph`` starts reading (image, then
     pixel row), or -1 for a box whose output is filled here (NaN when not finite, else 0: an image
-    that does not exist)."""
+    that does not exist). :func:`_tile_order` reads only whether a key is -1."""
     yd0, yd1 = np.empty(yi.shape[1:]), np.empty(yi.shape[1:])
     xd0, xd1 = np.empty(xi.shape[1:]), np.empty(xi.shape[1:])
     for k in range(lo, hi):
