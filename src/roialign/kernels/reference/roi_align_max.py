@@ -236,10 +236,8 @@ def _run(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, 
     grad_input = torch.zeros((n * c * h * w,), dtype=dtype, device=device) if grad is not None else None
     grad_rois = torch.zeros((k, 4), dtype=dtype, device=device) if grad is not None else None
     bins = pooled_height * pooled_width
-    y_counts = _span(y1, y2, h, pooled_height, sampling_ratio, aligned).count
-    x_counts = _span(x1, x2, w, pooled_width, sampling_ratio, aligned).count
-    y_counts = y_counts.amax(1) if k else y_counts.new_zeros(0)
-    x_counts = x_counts.amax(1) if k else x_counts.new_zeros(0)
+    y_counts = _span(y1, y2, h, pooled_height, sampling_ratio, aligned).count.amax(1)  # [K]
+    x_counts = _span(x1, x2, w, pooled_width, sampling_ratio, aligned).count.amax(1)
 
     def block(a: int, b: int) -> None:
         sy, sx = max(int(y_counts[a:b].max().item()), 1), max(int(x_counts[a:b].max().item()), 1)
@@ -268,10 +266,7 @@ def _run(input: Tensor, rois: Tensor, spatial_scale: float, pooled_height: int, 
                     win_x = _Axis(*(f[:, :, x0:x0 + wx] for f in xs))
                     value, wiy, wix, wcorner = _window(planes, batch[a:b], channels, win_y, win_x, w, onnx)
                     wiy, wix = wiy + y0, wix + x0
-                    take = _beats(value, wiy * sx + wix, best, iy * sx + ix) if y0 or x0 else None
-                    if take is None:  # the first window
-                        best, iy, ix, corner = value, wiy, wix, wcorner
-                        continue
+                    take = _beats(value, wiy * sx + wix, best, iy * sx + ix)
                     best = torch.where(take, value, best)
                     iy, ix = torch.where(take, wiy, iy), torch.where(take, wix, ix)
                     if onnx:
