@@ -201,15 +201,15 @@ def test_half_maps_give_the_bits_of_a_float32_computation(dtype, layout, planar,
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_channels_last_view_copies_nchw_halves_as_bits_and_views_channels_last_ones(monkeypatch, dtype):
     """An NCHW half map is transposed as its bit patterns (no widening: half the bytes); a
-    channels_last one is viewed in place. Both orders of the copy give the same bits."""
+    channels_last one is viewed in place. Every order of the copy gives the same bits."""
     from roialign.kernels.cpu import layout
 
     x = torch.randn(2, 40, 5, 35).to(dtype)
     x[0, 3, 2, 7] = float("nan")
     want = kernel_array(x.permute(0, 2, 3, 1).contiguous())
-    for tiled in (False, True):
-        monkeypatch.setitem(layout._LAYOUT_COPY, "tiled", tiled)
-        monkeypatch.setitem(layout._LAYOUT_COPY, "aliased", tiled)
+    for block in layout.BLOCKS:
+        for key in list(layout._TO_CHANNELS_LAST):
+            monkeypatch.setitem(layout._TO_CHANNELS_LAST, key, block)
         copied = layout.channels_last_view(x)
         assert copied.dtype == want.dtype and np.array_equal(copied.view(np.uint16), want.view(np.uint16))
     bits = layout.channels_last_view(x.contiguous(memory_format=torch.channels_last))

@@ -126,6 +126,23 @@ def _ipex_roi_align() -> Callable | None:
         return None
 
 
+def _copy_orders(report: dict) -> str:
+    """One line on the layout copies' orders that ``tune_layout_copies`` chose, with their times."""
+    parts = []
+    for kind in ("other", "aliased"):
+        label = " x ".join(map(str, report[kind]["shape"])) + (" map (4 KiB-aliased planes)" if kind == "aliased" else " map")
+        best = []
+        for size in (2, 4, 8):
+            times = report[kind][size]
+            block = min(times, key=times.__getitem__)
+            best.append(f"{size}-byte {block} ({times[block] * 1e3:.2f} ms; 0: {times[0] * 1e3:.2f})")
+        back = report[kind]["to_planar"]
+        parts.append(f"{label}: to channels-last, channels per pass {', '.join(best)}; back "
+                     f"{'tiled' if back[True] < back[False] else 'streaming'} (tiled {back[True] * 1e3:.2f} ms, "
+                     f"streaming {back[False] * 1e3:.2f} ms)")
+    return "layout copies: " + "; ".join(parts)
+
+
 def _time_once(fn: Fn, x: torch.Tensor, rois: torch.Tensor, backward: bool) -> float:
     """Seconds of one forward, or of one forward and its backward. The output gradient (ones of
     the output's shape and layout) is the caller's tensor: it is made between the two timed parts,
@@ -341,14 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"aligned={args.aligned}, median of {repeats}, providers timed round-robin"
           f"{' (a workload in all its dtypes)' if args.op == 'roi_align' else ''}; "
           f"'x tv' = torchvision time / provider time, the median over rounds of that round's ratio")
-    # What roialign.warmup() does on this host: the faster order of the NCHW <-> channels-last copies.
+    # What roialign.warmup() does on this host: the fastest orders of the NCHW <-> channels-last copies.
     torch.set_num_threads(threads[0])
     from .kernels.cpu.layout import tune_layout_copies
-    copies = tune_layout_copies()
-    print(f"layout copies: {'tiled' if copies['tiled'] else 'streaming'} order (1 x 256 x 100 x 136 there and back: "
-          f"tiled {copies['tiled_s'] * 1e3:.1f} ms, streaming {copies['streaming_s'] * 1e3:.1f} ms); 4 KiB-aliased "
-          f"planes: {'tiled' if copies['aliased'] else 'streaming'} (1 x 64 x 128 x 128: tiled "
-          f"{copies['aliased_tiled_s'] * 1e3:.2f} ms, streaming {copies['aliased_streaming_s'] * 1e3:.2f} ms)\n")
+    print(_copy_orders(tune_layout_copies()) + "\n")
     rows = []
     if args.op == "roi_align":  # a workload's dtypes in one round robin
         for t in threads:

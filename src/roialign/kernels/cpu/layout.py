@@ -1,6 +1,7 @@
 """Layout copies of the Numba CPU kernels: NCHW feature maps to channels-last and back, run on
-our thread pool in one of two orders, chosen per kind of map (see :func:`tune_layout_copies`).
-Both orders copy the same bytes, so the choice never changes a result.
+our thread pool in one of several orders, chosen per kind of map and element size (see
+:func:`tune_layout_copies`). Every order copies the same bytes, so the choice never changes a
+result.
 """
 
 from __future__ import annotations
@@ -19,35 +20,57 @@ from .threads import workers
 
 
 _TILE = 32  # side of the square blocks of the tiled copy back to NCHW
-_BLOCK = 8  # channels per pass of the blocked copy to channels-last
+# Channels per pass of the copy to channels-last (0: the destination in order, see
+# :func:`nchw_to_nhwc`); the choice per kind of map and element size is in ``_TO_CHANNELS_LAST``.
+BLOCKS = (0, 8, 16, 32, 64)
+
+
+@numba.njit(inline="always", **JIT)
+def _channel_blocks(x, b, r, out, c0, block):
+    """Channels ``c0``, ``c0 + 1``, ... of pixel row ``r`` of image ``b``, ``block`` at a time, in
+    passes along the row (``block`` source rows read in order, ``block`` consecutive elements
+    written per pixel), as long as a whole block remains. Returns the first channel not copied.
+    Inlined with a constant ``block``, so that each pass is unrolled."""
+    channels, width = x.shape[1], x.shape[3]
+    while c0 + block <= channels:
+        for q in range(width):
+            for c in range(block):
+                out[b, r, q, c0 + c] = carry(x[b, c0 + c, r, q], out)
+        c0 += block
+    return c0
 
 
 @numba.njit(**JIT)
-def nchw_to_nhwc(x, b, r0, r1, out, tiled):
+def nchw_to_nhwc(x, b, r0, r1, out, block):
     """Rows ``[r0, r1)`` of image ``b``: ``out[b, r, q, c] = x[b, c, r, q]`` (half bit patterns
     copied as they are into a half ``out``, widened into a float32 one).
 
-    Two orders, the same bytes: ``tiled`` (blocked) takes 8 channels at a time along the whole
-    pixel row, reading 8 source rows in order and writing 8 consecutive elements per pixel;
-    otherwise the destination is written in order, one pixel's channels after another. Which is
-    faster depends on the host and on the map (streaming was 2-3.5x faster than 32 x 32 tiles on an
-    Intel Xeon for 3-56 MB maps; on an AMD EPYC, from memory, the 8-channel blocks took 0.66 / 1.67
-    / 5.67 ms on the adaptive, P3 and P2 float32 maps against 0.77 / 2.28 / 9.10 for 32 x 32 tiles
-    and 1.66 / 1.51 / 6.70 streaming), so :func:`tune_layout_copies` picks it by timing both."""
+    The same bytes in one of several orders: ``block`` = 0 writes the destination in order, one
+    pixel's channels after another (reading one element of every channel plane per pixel);
+    ``block`` = 8, 16, 32 or 64 takes that many channels at a time along the whole pixel row
+    (the channels left over then 8, then 1 at a time). Which is fastest depends on the host, the
+    element size and the map. On the Intel Xeon host (2 threads, one direction, medians of 12-14,
+    three runs) the 1 x 256 x 200 x 272 map took 8.8-10.6 / 11.6-14.0 / 6.2-6.6 ms in float32 /
+    float64 / bfloat16 with ``block`` 0 (the only order besides 8 until 2026-12-01), against
+    5.9-7.0 / 9.0-9.4 / 2.8-3.5 ms with its best block (64, 64, 16); the 2 x 256 x 100 x 136 one
+    2.1-2.3 / 4.8-6.7 / 2.5-2.7 ms against 2.1-2.3 / 4.4-5.0 / 1.4-1.6 ms with 32 channels. Blocks
+    of a size known only at run time, and tiles through a buffer, were slower than all of these.
+    :func:`tune_layout_copies` picks per element size by timing them."""
     channels, width = x.shape[1], x.shape[3]
-    if not tiled:
-        for r in range(r0, r1):
+    for r in range(r0, r1):
+        if block == 0:
             for q in range(width):
                 for c in range(channels):
                     out[b, r, q, c] = carry(x[b, c, r, q], out)
-        return
-    for r in range(r0, r1):
+            continue
         c0 = 0
-        while c0 + _BLOCK <= channels:
-            for q in range(width):
-                for c in range(_BLOCK):
-                    out[b, r, q, c0 + c] = carry(x[b, c0 + c, r, q], out)
-            c0 += _BLOCK
+        if block == 64:
+            c0 = _channel_blocks(x, b, r, out, c0, 64)
+        elif block == 32:
+            c0 = _channel_blocks(x, b, r, out, c0, 32)
+        elif block == 16:
+            c0 = _channel_blocks(x, b, r, out, c0, 16)
+        c0 = _channel_blocks(x, b, r, out, c0, 8)
         for c in range(c0, channels):
             for q in range(width):
                 out[b, r, q, c] = carry(x[b, c, r, q], out)
@@ -56,7 +79,8 @@ def nchw_to_nhwc(x, b, r0, r1, out, tiled):
 @numba.njit(**JIT)
 def nhwc_to_nchw(x, b, r0, r1, out, tiled):
     """Rows ``[r0, r1)`` of image ``b``: ``out[b, c, r, q] = x[b, r, q, c]``, the inverse of
-    :func:`nchw_to_nhwc`, in the same two orders (streaming: the destination in order)."""
+    :func:`nchw_to_nhwc`, in one of two orders: ``tiled``, through 32 x 32 tiles of pixels by
+    channels, else the destination in order."""
     width, channels = x.shape[2], x.shape[3]
     if not tiled:
         for r in range(r0, r1):
@@ -81,36 +105,43 @@ def nhwc_to_nchw(x, b, r0, r1, out, tiled):
                             out[b, c, r, q] = x[b, r, q, c]
 
 
-# Whether the layout copies use their tiled order (to channels-last: 8-channel blocks; back: 32 x 32
-# tiles) rather than the streaming one, per kind of map: "aliased" for maps whose channel planes lie
-# a multiple of 4 KiB apart, "tiled" for the others. An x86 L1 data cache takes a line's set from
+# How the layout copies run, per kind of map: "aliased" for maps whose channel planes lie a
+# multiple of 4 KiB apart, "other" for the rest. An x86 L1 data cache takes a line's set from
 # address bits inside the 4 KiB page, so the same pixel of every such plane falls in one set: the
-# streaming copy to channels-last, which reads one pixel of every channel in turn, then misses on
-# nearly every read once the channels outnumber the set's ways, while the other order reads a few
-# planes along runs of pixels. The adaptive map (64 x 128 x 128 float32, 64 KiB planes) took 1.60 ms
-# streaming and 0.45 ms in 32 x 32 tiles, and the P3 map (100 x 136 planes) 2.8 ms streaming and
-# 4.2 ms in tiles (AMD EPYC, 2 threads, one direction, warm). Defaults (when ``warmup()`` was not
-# called): streaming for other maps, measured faster on the hosts where it was compared (README, "On
-# an Intel Xeon host"), tiled for aliased ones; :func:`tune_layout_copies` times both kinds.
-_LAYOUT_COPY = {"tiled": False, "aliased": True}
+# copy to channels-last in destination order, which reads one pixel of every channel in turn, then
+# misses on nearly every read once the channels outnumber the set's ways, while the other orders
+# read a few planes along runs of pixels. The adaptive map (64 x 128 x 128 float32, 64 KiB planes)
+# took 1.60 ms in destination order and 0.45 ms in 32 x 32 tiles, and the P3 map (100 x 136 planes)
+# 2.8 ms and 4.2 ms (AMD EPYC, 2 threads, one direction, warm).
+#
+# ``_TO_CHANNELS_LAST[kind, element size]``: the ``block`` of :func:`nchw_to_nhwc` (channels per
+# pass, 0 for destination order). ``_TO_PLANAR[kind]``: whether the copy back goes by 32 x 32
+# tiles. Defaults (when ``warmup()`` was not called): the blocks measured fastest on the Intel Xeon
+# host on the 1 x 256 x 200 x 272 map (see :func:`nchw_to_nhwc`), 16 channels for aliased maps
+# (their 64 planes of 4 KiB multiples: 0.35-0.41 ms in float32 against 0.50-0.53 in destination
+# order), and for the copy back the order measured faster on the hosts where it was compared.
+# :func:`tune_layout_copies` times them all on this host.
+_TO_CHANNELS_LAST = {("other", 2): 16, ("other", 4): 64, ("other", 8): 64,
+                     ("aliased", 2): 16, ("aliased", 4): 16, ("aliased", 8): 16}
+_TO_PLANAR = {"other": False, "aliased": True}
 _ALIASING_BYTES = 4096
 
 
-def _tiled_order(plane_bytes: int) -> bool:
-    """The copy order for a map whose channel planes are ``plane_bytes`` apart."""
-    return _LAYOUT_COPY["aliased" if plane_bytes % _ALIASING_BYTES == 0 else "tiled"]
+def _kind(plane_bytes: int) -> str:
+    """The kind of map (a key of ``_TO_PLANAR``) whose channel planes are ``plane_bytes`` apart."""
+    return "aliased" if plane_bytes % _ALIASING_BYTES == 0 else "other"
 
 
-def _layout_copy(kernel, src: np.ndarray, out: np.ndarray, n: int, h: int, w: int, c: int,
-                 tiled: bool | None = None) -> None:
+def _layout_copy(kernel, src: np.ndarray, out: np.ndarray, n: int, h: int, w: int, c: int, order=None) -> None:
     """Run ``kernel`` (:func:`nchw_to_nhwc` or :func:`nhwc_to_nchw`) on our pool, a job per band
-    of about 64K elements of rows of one image, in the order ``tiled`` (default: the one chosen
-    for the planar side's kind of map)."""
-    if tiled is None:
+    of about 64K elements of rows of one image, in the order ``order`` (its ``block`` or
+    ``tiled``; default: the one chosen for the planar side's kind of map and element size)."""
+    if order is None:
         planar = src if kernel is nchw_to_nhwc else out
-        tiled = _tiled_order(h * w * planar.itemsize)
+        kind = _kind(h * w * planar.itemsize)
+        order = _TO_CHANNELS_LAST[kind, planar.itemsize] if kernel is nchw_to_nhwc else _TO_PLANAR[kind]
     rows = max(1, (1 << 16) // max(1, w * c))
-    workers.run(kernel, [(src, b, r0, min(h, r0 + rows), out, tiled) for b in range(n) for r0 in range(0, h, rows)])
+    workers.run(kernel, [(src, b, r0, min(h, r0 + rows), out, order) for b in range(n) for r0 in range(0, h, rows)])
 
 
 def planar_from_channels_last(t: Tensor) -> Tensor:
@@ -121,45 +152,54 @@ def planar_from_channels_last(t: Tensor) -> Tensor:
     return out
 
 
-def tune_layout_copies(shape: tuple[int, int, int, int] = (1, 256, 100, 136), pairs: int = 3,
+_TUNED_DTYPES = {2: torch.float16, 4: torch.float32, 8: torch.float64}  # halves are copied as 2-byte bits
+
+
+def tune_layout_copies(shape: tuple[int, int, int, int] = (1, 256, 200, 272), pairs: int = 3,
                        aliased_shape: tuple[int, int, int, int] = (1, 64, 128, 128)) -> dict:
-    """Time both orders of both layout copies on float32 maps of ``shape`` (default: a detector's
-    P3 level, 14 MB) and of ``aliased_shape`` (planes a multiple of 4 KiB apart; default: the
-    adaptive benchmark's map, 4 MB) with the current thread count, alternating, and keep for each
-    kind of map the order whose summed median time is lower. Both orders give the same bytes, so
-    this choice never changes a result. Returns the medians (seconds) and the choices."""
-    if aliased_shape[2] * aliased_shape[3] * 4 % _ALIASING_BYTES:
-        raise ValueError(f"aliased_shape {aliased_shape}: its float32 planes are not a multiple of 4 KiB apart")
-    if shape[2] * shape[3] * 4 % _ALIASING_BYTES == 0:
-        raise ValueError(f"shape {shape}: its float32 planes are a multiple of 4 KiB apart; use aliased_shape")
-    report = {}
-    for kind, prefix, dims in (("tiled", "", shape), ("aliased", "aliased_", aliased_shape)):
-        median = _time_copy_orders(dims, pairs)
-        _LAYOUT_COPY[kind] = median[True] < median[False]
-        report.update({f"{prefix}tiled_s": median[True], f"{prefix}streaming_s": median[False],
-                       kind: _LAYOUT_COPY[kind]})
+    """Time the orders of both layout copies with the current thread count, alternating, on maps
+    of ``shape`` (default: a detector's P3 level, 14 MB in float32) and of ``aliased_shape``
+    (planes a multiple of 4 KiB apart in every element size; default: the adaptive benchmark's
+    map), and keep the fastest by median: for the copy to channels-last, every ``block`` of
+    :func:`nchw_to_nhwc` per kind of map and element size (2, 4 and 8 bytes); for the copy
+    back, both orders per kind of map, in float32. Every order gives the same bytes, so this
+    choice never changes a result. Returns ``{kind: {"shape": the map's shape, 2: {block:
+    seconds}, 4: ..., 8: ..., "to_planar": {True: seconds, False: seconds}}}``."""
+    if aliased_shape[2] * aliased_shape[3] * 2 % _ALIASING_BYTES:
+        raise ValueError(f"aliased_shape {aliased_shape}: its 2-byte planes are not a multiple of 4 KiB apart")
+    if shape[2] * shape[3] * 8 % _ALIASING_BYTES == 0:
+        raise ValueError(f"shape {shape}: its float64 planes are a multiple of 4 KiB apart; use aliased_shape")
+    report: dict = {}
+    for kind, dims in (("other", shape), ("aliased", aliased_shape)):
+        report[kind] = {"shape": dims}
+        for size, dtype in _TUNED_DTYPES.items():
+            median = _time_orders(nchw_to_nhwc, dims, dtype, BLOCKS, pairs)
+            _TO_CHANNELS_LAST[kind, size] = min(BLOCKS, key=median.__getitem__)
+            report[kind][size] = median
+        median = _time_orders(nhwc_to_nchw, dims, torch.float32, (True, False), pairs)
+        _TO_PLANAR[kind] = median[True] < median[False]
+        report[kind]["to_planar"] = median
     return report
 
 
-def _time_copy_orders(shape: tuple[int, int, int, int], pairs: int) -> dict[bool, float]:
-    """Median seconds of both copies there and back on a float32 map of ``shape``, per order."""
+def _time_orders(kernel, shape: tuple[int, int, int, int], dtype: torch.dtype, orders, pairs: int) -> dict:
+    """Median seconds of ``kernel`` (one direction) on a map of ``shape`` in ``dtype``, per order,
+    over ``pairs`` rounds of all the orders in turn (after one more that compiles or loads the
+    kernel and faults the pages in)."""
     import time
 
     n, c, h, w = shape
-    x = torch.randn(shape).numpy()
-    nhwc = empty((n, h, w, c), torch.float32).numpy()
-    nchw = empty(shape, torch.float32).numpy()
-    times: dict[bool, list[float]] = {True: [], False: []}
+    nchw = kernel_array(torch.randn(shape).to(dtype))
+    nhwc = kernel_array(empty((n, h, w, c), dtype))
+    src, out = (nchw, nhwc) if kernel is nchw_to_nhwc else (nhwc, nchw)
+    times: dict = {order: [] for order in orders}
     for i in range(pairs + 1):
-        for tiled in (True, False):
+        for order in orders:
             start = time.perf_counter()
-            _layout_copy(nchw_to_nhwc, x, nhwc, n, h, w, c, tiled)
-            _layout_copy(nhwc_to_nchw, nhwc, nchw, n, h, w, c, tiled)
-            if i > 0:  # the first pair compiles or loads the kernels and faults the pages in
-                times[tiled].append(time.perf_counter() - start)
-    return {tiled: float(np.median(t)) for tiled, t in times.items()}
-
-
+            _layout_copy(kernel, src, out, n, h, w, c, order)
+            if i > 0:
+                times[order].append(time.perf_counter() - start)
+    return {order: float(np.median(t)) for order, t in times.items()}
 
 
 def channels_last_view(t: Tensor, buffer=None) -> np.ndarray:
