@@ -118,7 +118,13 @@ def _providers(workload: Workload, aligned: bool, threads: int, quick: bool, dty
 
 
 def _ipex_roi_align() -> Callable | None:
-    """Intel Extension for PyTorch's roi_align, when it imports (its own venv: see README)."""
+    """Intel Extension for PyTorch's roi_align, when it imports (its own venv: see README).
+
+    Importing IPEX 2.8 starts TorchInductor's compile-worker process, which took about 1 s of CPU
+    in the 5 s after the import (Intel Xeon host, 2 cores): our channels_last mask-14 float32
+    forward took 7.5-16.9 ms then, against 3.0-3.3 ms 15 s later. Nothing here compiles with
+    Inductor, so the worker is not started (``TORCHINDUCTOR_COMPILE_THREADS=1`` unless set)."""
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
         import intel_extension_for_pytorch as ipex
         return ipex.nn.functional._roi_align_helper.roi_align
