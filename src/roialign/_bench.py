@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -326,6 +328,32 @@ def _print_table(rows: list[dict]) -> None:
               "once imported, so this run has no torchvision row)")
 
 
+def _steady_malloc() -> str:
+    """Fix glibc's malloc at its long-run state, without trimming; returns what was done.
+
+    glibc gives freed memory at the top of its heap back to the OS ("trims" it) when that top
+    exceeds a threshold, inside whichever ``free`` of 64 KiB or more comes next, in whichever call
+    that is. In a round robin, memory freed by one provider was then given back inside another
+    provider's timed call: on the Intel Xeon host (2026-12-01), a channels_last mask-14 float32
+    forward of ours took 7.4-9.7 ms instead of 5.0-5.8 in some processes (every round, always the
+    same call of the round: the main thread spent about 4 ms in the kernel, with no page fault;
+    strace showed ``brk`` shrinking the heap inside it), and IPEX's 9.6-10.7 ms instead of
+    6.5-7.0 ms in others. Fixing the mmap threshold at 32 MiB (the highest value glibc's own
+    rule gives it in a long-running process; setting any threshold turns that rule off) and
+    turning trimming off removed it for both (medians as above, over two processes each)."""
+    if not sys.platform.startswith("linux"):
+        return "the platform's default malloc"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    except (OSError, AttributeError):  # not glibc
+        return "the platform's default malloc"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, (1 << 31) - 1):
+        return "glibc malloc: mmap threshold 32 MiB, no trimming"
+    return "glibc malloc: defaults (mallopt refused)"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="boxhead-P2 and adaptive only, 3 repeats")
@@ -345,7 +373,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated subset of: torchvision, onnxruntime, ours-reference, ours-numba, "
                              "'ours-numba channels_last', and ipex, 'ipex channels_last' where Intel Extension for "
                              "PyTorch imports")
+    parser.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                        help="steady (default): fix glibc's malloc thresholds so that memory one provider frees "
+                             "is not given back to the OS inside another's timed call; default: leave them")
     args = parser.parse_args(argv)
+    malloc = _steady_malloc() if args.malloc == "steady" else "malloc defaults"
 
     if args.quick:
         names, repeats = ["boxhead-P2", "adaptive"], 3
@@ -363,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{time.strftime('%Y-%m-%d')}")
     print(f"aligned={args.aligned}, median of {repeats}, providers timed round-robin"
           f"{' (a workload in all its dtypes)' if args.op == 'roi_align' else ''}; "
-          f"'x tv' = torchvision time / provider time, the median over rounds of that round's ratio")
+          f"'x tv' = torchvision time / provider time, the median over rounds of that round's ratio; {malloc}")
     # What roialign.warmup() does on this host: the fastest orders of the NCHW <-> channels-last copies.
     torch.set_num_threads(threads[0])
     from .kernels.cpu.layout import tune_layout_copies

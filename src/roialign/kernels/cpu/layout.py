@@ -49,11 +49,11 @@ def nchw_to_nhwc(x, b, r0, r1, out, block):
     pixel's channels after another (reading one element of every channel plane per pixel);
     ``block`` = 8, 16, 32 or 64 takes that many channels at a time along the whole pixel row
     (the channels left over then 8, then 1 at a time). Which is fastest depends on the host, the
-    element size and the map. On the Intel Xeon host (2 threads, one direction, medians of 12-14,
-    three runs) the 1 x 256 x 200 x 272 map took 8.8-10.6 / 11.6-14.0 / 6.2-6.6 ms in float32 /
-    float64 / bfloat16 with ``block`` 0 (the only order besides 8 until 2026-12-01), against
+    element size and the map. On the Intel Xeon host (2 threads, one direction, medians of 7-15,
+    five processes) the 1 x 256 x 200 x 272 map took 8.2-10.6 / 10.4-14.1 / 6.1-6.9 ms in float32
+    / float64 / bfloat16 with ``block`` 0 (the only order besides 8 until 2026-12-01), against
     5.9-7.0 / 9.0-9.4 / 2.8-3.5 ms with its best block (64, 64, 16); the 2 x 256 x 100 x 136 one
-    2.1-2.3 / 4.8-6.7 / 2.5-2.7 ms against 2.1-2.3 / 4.4-5.0 / 1.4-1.6 ms with 32 channels. Blocks
+    2.1-2.5 / 4.4-6.7 / 2.5-2.7 ms against 2.0-2.4 / 4.4-5.0 / 1.4-1.6 ms with 32 channels. Blocks
     of a size known only at run time, and tiles through a buffer, were slower than all of these.
     :func:`tune_layout_copies` picks per element size by timing them."""
     channels, width = x.shape[1], x.shape[3]
