@@ -334,13 +334,13 @@ def _steady_malloc() -> str:
     glibc gives freed memory at the top of its heap back to the OS ("trims" it) when that top
     exceeds a threshold, inside whichever ``free`` of 64 KiB or more comes next, in whichever call
     that is. In a round robin, memory freed by one provider was then given back inside another
-    provider's timed call: on the Intel Xeon host (2026-12-01), a channels_last mask-14 float32
-    forward of ours took 7.4-9.7 ms instead of 5.0-5.8 in some processes (every round, always the
-    same call of the round: the main thread spent about 4 ms in the kernel, with no page fault;
-    strace showed ``brk`` shrinking the heap inside it), and IPEX's 9.6-10.7 ms instead of
-    6.5-7.0 ms in others. Fixing the mmap threshold at 32 MiB (the highest value glibc's own
+    provider's timed call: on the Intel Xeon host (2026-12-01), our channels_last mask-14 float32
+    forward took 7.7-8.5 ms instead of 5.2-5.9 through a whole run in some processes (always the
+    same call of the round: its main thread spent about 4 ms in the kernel, with no page fault;
+    strace showed ``brk`` shrinking the heap inside it), and IPEX's 9.4-10.7 ms instead of
+    6.5-7.1 ms in others. Fixing the mmap threshold at 32 MiB (the highest value glibc's own
     rule gives it in a long-running process; setting any threshold turns that rule off) and
-    turning trimming off removed it for both (medians as above, over two processes each)."""
+    turning trimming off removed it for both (medians 5.5-5.8 and 6.5-6.7 ms, two processes)."""
     if not sys.platform.startswith("linux"):
         return "the platform's default malloc"
     try:
