@@ -39,7 +39,7 @@ def warmup() -> None:
     """Compile the CPU kernels now (or load them from Numba's on-disk cache) instead of on first use,
     and time the orders of the NCHW <-> channels-last copies on this host to keep the fastest, per
     element size, for maps whose channel planes are a multiple of 4 KiB apart and for the others
-    (about 0.5 s; all give the same bytes, so no result depends on the choice)."""
+    (about 1 s; all give the same bytes, so no result depends on the choice)."""
     import torch
 
     from .kernels.cpu import common as cpu_common

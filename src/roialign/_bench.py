@@ -138,7 +138,8 @@ def _copy_orders(report: dict) -> str:
     """One line on the layout copies' orders that ``tune_layout_copies`` chose, with their times."""
     parts = []
     for kind in ("other", "aliased"):
-        label = " x ".join(map(str, report[kind]["shape"])) + (" map (4 KiB-aliased planes)" if kind == "aliased" else " map")
+        label = " x ".join(map(str, report[kind]["shape"]))
+        label += " map (4 KiB-aliased planes)" if kind == "aliased" else " map"
         best = []
         for size in (2, 4, 8):
             times = report[kind][size]
