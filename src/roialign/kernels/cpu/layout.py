@@ -158,7 +158,8 @@ _TUNED_DTYPES = {2: torch.float16, 4: torch.float32, 8: torch.float64}  # halves
 def tune_layout_copies(shape: tuple[int, int, int, int] = (1, 256, 200, 272), pairs: int = 3,
                        aliased_shape: tuple[int, int, int, int] = (1, 64, 128, 128)) -> dict:
     """Time the orders of both layout copies with the current thread count, alternating, on maps
-    of ``shape`` (default: a detector's P3 level, 14 MB in float32) and of ``aliased_shape``
+    of ``shape`` (default: a detector's P2 level, 56 MB in float32; a P3-sized map did not tell
+    the float32 blocks apart) and of ``aliased_shape``
     (planes a multiple of 4 KiB apart in every element size; default: the adaptive benchmark's
     map), and keep the fastest by median: for the copy to channels-last, every ``block`` of
     :func:`nchw_to_nhwc` per kind of map and element size (2, 4 and 8 bytes); for the copy
