@@ -70,14 +70,14 @@ def test_bench_fixes_glibc_malloc_thresholds():
     fresh process, a freed 48 MiB block then stays in the heap (its pages mapped), where glibc's
     own rule would give it back to the OS when freed."""
     code = """
-import ctypes, sys
+import ctypes, os, sys
 from roialign._bench import _steady_malloc
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096
+    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 steady = sys.argv[1] == 'steady'
 if steady:
     print(_steady_malloc())

@@ -159,13 +159,13 @@ def tune_layout_copies(shape: tuple[int, int, int, int] = (1, 256, 200, 272), pa
                        aliased_shape: tuple[int, int, int, int] = (1, 64, 128, 128)) -> dict:
     """Time the orders of both layout copies with the current thread count, alternating, on maps
     of ``shape`` (default: a detector's P2 level, 56 MB in float32; a P3-sized map did not tell
-    the float32 blocks apart) and of ``aliased_shape``
-    (planes a multiple of 4 KiB apart in every element size; default: the adaptive benchmark's
-    map), and keep the fastest by median: for the copy to channels-last, every ``block`` of
-    :func:`nchw_to_nhwc` per kind of map and element size (2, 4 and 8 bytes); for the copy
-    back, both orders per kind of map, in float32. Every order gives the same bytes, so this
-    choice never changes a result. Returns ``{kind: {"shape": the map's shape, 2: {block:
-    seconds}, 4: ..., 8: ..., "to_planar": {True: seconds, False: seconds}}}``."""
+    the float32 blocks apart) and of ``aliased_shape`` (planes a multiple of 4 KiB apart in every
+    element size; default: the adaptive benchmark's map), and keep the fastest by median: for
+    the copy to channels-last, every ``block`` of :func:`nchw_to_nhwc` per kind of map and element
+    size (2, 4 and 8 bytes); for the copy back, both orders per kind of map, in float32. Every
+    order gives the same bytes, so this choice never changes a result. Returns ``{kind:
+    {"shape": the map's shape, 2: {block: seconds}, 4: ..., 8: ..., "to_planar": {True: seconds,
+    False: seconds}}}``."""
     if aliased_shape[2] * aliased_shape[3] * 2 % _ALIASING_BYTES:
         raise ValueError(f"aliased_shape {aliased_shape}: its 2-byte planes are not a multiple of 4 KiB apart")
     if shape[2] * shape[3] * 8 % _ALIASING_BYTES == 0:
